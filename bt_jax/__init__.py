@@ -1,0 +1,25 @@
+"""bt-jax: BridgeTower in JAX and Flax NNX, with PyTorch checkpoint conversion."""
+
+from bt_jax.config import BridgeTowerConfig, TextConfig, VisionConfig
+from bt_jax.hub import from_pretrained, save_pretrained, save_torch_checkpoint
+from bt_jax.modeling import (
+    BridgeTowerForContrastiveLearning,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerForMaskedLM,
+    BridgeTowerModel,
+    create_model,
+)
+
+__all__ = [
+    "BridgeTowerConfig",
+    "BridgeTowerForContrastiveLearning",
+    "BridgeTowerForImageAndTextRetrieval",
+    "BridgeTowerForMaskedLM",
+    "BridgeTowerModel",
+    "TextConfig",
+    "VisionConfig",
+    "create_model",
+    "from_pretrained",
+    "save_pretrained",
+    "save_torch_checkpoint",
+]

@@ -1,0 +1,378 @@
+"""Load and save models: `from_pretrained`, `save_pretrained` and PyTorch export.
+
+Two directory formats are read:
+
+- a Hugging Face BridgeTower directory: `config.json` plus PyTorch weights (see
+  `bt_jax.weights.io` for the file layouts);
+- a bt-jax directory written by `save_pretrained`: `config.json` in the Hugging
+  Face schema, `bt_jax.json` and an Orbax checkpoint of the parameters in
+  `params/`, stored in Flax layout and in the dtype they were saved with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from bt_jax import sharding
+from bt_jax.config import HEAD_ARCHITECTURES, BridgeTowerConfig
+from bt_jax.fileio import atomic_directory
+from bt_jax.modeling import MODEL_CLASSES, create_model
+from bt_jax.weights.io import open_checkpoint, write_safetensors
+from bt_jax.weights.mapping import (
+    CheckpointMismatchError,
+    TensorMapping,
+    plan_load,
+    tensor_mappings,
+)
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+METADATA_FILE = "bt_jax.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+def load_config(path: str | os.PathLike) -> BridgeTowerConfig:
+    """Read `config.json` from a checkpoint directory, with clear errors for bad paths."""
+    directory = Path(path)
+    if not directory.exists():
+        raise FileNotFoundError(
+            f"checkpoint directory not found: {directory}. Pass a Hugging Face "
+            "BridgeTower directory (config.json and weights) or one written by "
+            "bt_jax.save_pretrained."
+        )
+    if not directory.is_dir():
+        raise NotADirectoryError(
+            f"{directory} is a file; pass the directory that contains config.json and "
+            "the weights."
+        )
+    return BridgeTowerConfig.from_json_file(directory / CONFIG_FILE)
+
+
+def is_bt_jax_directory(path: str | os.PathLike) -> bool:
+    return (Path(path) / PARAMS_DIR).is_dir()
+
+
+def abstract_model(
+    config: BridgeTowerConfig, head: str, *, dtype=jnp.float32, param_dtype=jnp.float32
+) -> nnx.Module:
+    """Build the model with shapes only: no parameter memory is allocated."""
+    return nnx.eval_shape(
+        lambda: create_model(config, head, dtype=dtype, param_dtype=param_dtype)
+    )
+
+
+def head_of(model: nnx.Module) -> str:
+    """Return the head name ("model", "mlm", "itm" or "itc") of a model instance."""
+    for head, cls in MODEL_CLASSES.items():
+        if type(model) is cls:
+            return head
+    raise TypeError(f"{type(model).__name__} is not a bt-jax BridgeTower model class.")
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    head: str | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    init_missing_heads: bool = False,
+    seed: int = 0,
+) -> tuple[nnx.Module, nnx.State]:
+    """Load a model and its parameters from a checkpoint directory.
+
+    Args:
+      path: a Hugging Face BridgeTower directory or a bt-jax directory.
+      head: "model", "mlm", "itm" or "itc"; None follows `architectures` in
+        config.json.
+      dtype: compute dtype of matmuls and convolutions (LayerNorm and softmax
+        always run in float32).
+      param_dtype: dtype to store parameters in; None keeps the checkpoint's.
+      mesh: place each parameter sharded over this mesh as it is read, by the
+        logical-axis `rules`, so the full model never sits on one device.
+      init_missing_heads: initialise head weights the checkpoint lacks at random
+        (with a warning) instead of raising. Useful to start fine-tuning a head
+        from a backbone checkpoint.
+      seed: seed of that random initialisation.
+
+    Returns:
+      `(model, params)`: the NNX module with weights loaded, and its parameter
+      state, a pytree to pass through `jax.jit` (`nnx.split` / `nnx.merge`).
+
+    Raises:
+      FileNotFoundError: the directory, config.json or the weights are missing.
+      ValueError: config.json is not a valid BridgeTower config, or the weights do
+        not match it (`CheckpointMismatchError`, `CheckpointFileError`).
+    """
+    config = load_config(path)
+    head = head or config.default_head
+    model = abstract_model(
+        config, head, dtype=dtype, param_dtype=param_dtype or jnp.float32
+    )
+    abstract_params = nnx.state(model, nnx.Param)
+    shardings = None
+    if mesh is not None:
+        flat_shardings = nnx.to_flat_state(
+            sharding.param_shardings(abstract_params, mesh, rules)
+        )
+        shardings = {tuple(p): v.get_value() for p, v in flat_shardings}
+
+    def target_sharding(path):
+        return None if shardings is None else shardings[path]
+
+    values: dict[tuple, jax.Array] = {}
+    missing: list[TensorMapping] = []
+    for mapping, array in iter_checkpoint_params(
+        path,
+        model,
+        init_missing_heads=init_missing_heads,
+        target_shardings=target_sharding,
+    ):
+        if array is None:
+            missing.append(mapping)
+            continue
+        if param_dtype is not None and array.dtype != param_dtype:
+            array = array.astype(param_dtype)
+        if isinstance(array, np.ndarray):
+            array = sharding.put_array(array, target_sharding(mapping.path))
+        values[mapping.path] = array
+    if missing:
+        values.update(
+            _init_params(config, head, param_dtype, seed, missing, target_sharding)
+        )
+
+    flat = [
+        (tuple(p), v.replace(value=values[tuple(p)]))
+        for p, v in nnx.to_flat_state(abstract_params)
+    ]
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model, nnx.state(model, nnx.Param)
+
+
+def iter_checkpoint_params(
+    path: str | os.PathLike,
+    model: nnx.Module,
+    *,
+    init_missing_heads: bool = False,
+    target_shardings=lambda path: None,
+) -> Iterator[tuple[TensorMapping, np.ndarray | jax.Array | None]]:
+    """Yield `(mapping, value)` for every parameter of `model`, in Flax layout.
+
+    Values keep the dtype they are stored with. Hugging Face checkpoints are read
+    one tensor at a time as NumPy arrays; bt-jax checkpoints are restored by Orbax
+    straight onto `target_shardings(path)`. The value is None for a head tensor
+    the checkpoint lacks when `init_missing_heads` is True.
+    """
+    mappings = tensor_mappings(model)
+    if is_bt_jax_directory(path):
+        yield from _iter_orbax_params(
+            Path(path), mappings, init_missing_heads, target_shardings
+        )
+        return
+    with open_checkpoint(path) as source:
+        plan = plan_load(
+            mappings,
+            source.shapes,
+            source=source.description,
+            init_missing_heads=init_missing_heads,
+        )
+        for mapping in mappings:
+            key = plan.sources.get(mapping.key)
+            yield mapping, (None if key is None else mapping.to_flax(source[key]))
+
+
+def _flax_key(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings):
+    params_dir = (directory / PARAMS_DIR).absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        metadata = checkpointer.metadata(params_dir).item_metadata.tree
+    except Exception as err:  # Orbax raises several error types for damaged checkpoints
+        raise ValueError(
+            f"cannot read the Orbax checkpoint in {params_dir}: {err}. Re-create it with "
+            "bt_jax.save_pretrained or `python -m convert to-jax`."
+        ) from None
+    stored = dict(_flatten_tree(metadata))
+    # The bt-jax layout is the Flax one, so a mapping onto itself reuses the
+    # PyTorch loading rules (prefix handling, foreign heads, strict accounting).
+    flax_mappings = [
+        TensorMapping(m.path, _flax_key(m.path), m.flax_shape, m.flax_shape, "same")
+        for m in mappings
+    ]
+    plan = plan_load(
+        flax_mappings,
+        {key: tuple(meta.shape) for key, meta in stored.items()},
+        source=str(params_dir),
+        init_missing_heads=init_missing_heads,
+    )
+    by_key = {_flax_key(m.path): m for m in mappings}
+    path_of = {plan.sources[k]: by_key[k].path for k in plan.sources}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {}
+    for key, meta in stored.items():
+        place = target_shardings(path_of[key]) if key in path_of else None
+        target[key] = jax.ShapeDtypeStruct(
+            tuple(meta.shape), meta.dtype, sharding=place or default
+        )
+    restored = dict(
+        _flatten_tree(checkpointer.restore(params_dir, _unflatten_tree(target)))
+    )
+    for mapping in mappings:
+        key = plan.sources.get(_flax_key(mapping.path))
+        yield mapping, (None if key is None else restored[key])
+
+
+def _flatten_tree(tree, prefix=()) -> Iterator[tuple[str, object]]:
+    if isinstance(tree, dict):
+        for name, child in tree.items():
+            yield from _flatten_tree(child, (*prefix, str(name)))
+    else:
+        yield ".".join(prefix), tree
+
+
+def _unflatten_tree(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def _init_params(config, head, param_dtype, seed, missing, target_sharding):
+    """Initialise only the `missing` parameters, by the model's own initialisers."""
+    wanted = {m.path for m in missing}
+
+    @jax.jit
+    def init():
+        model = create_model(
+            config, head, param_dtype=param_dtype or jnp.float32, seed=seed
+        )
+        flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+        # Only the requested leaves are returned, so XLA drops the rest of the init.
+        return {_flax_key(p): v.get_value() for p, v in flat if tuple(p) in wanted}
+
+    arrays = init()
+    return {
+        m.path: jax.device_put(arrays[_flax_key(m.path)], target_sharding(m.path))
+        for m in missing
+    }
+
+
+def _model_and_config(model_or_config) -> tuple[BridgeTowerConfig, str]:
+    if isinstance(model_or_config, BridgeTowerConfig):
+        return model_or_config, model_or_config.default_head
+    if isinstance(model_or_config, nnx.Module) and hasattr(model_or_config, "config"):
+        return model_or_config.config, head_of(model_or_config)
+    raise TypeError(
+        f"expected a bt-jax model or a BridgeTowerConfig, got {type(model_or_config).__name__}."
+    )
+
+
+def _flat_params(params: nnx.State) -> dict[tuple, jax.Array]:
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(params)}
+
+
+def save_pretrained(
+    model_or_config,
+    params: nnx.State,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write `config.json`, `bt_jax.json` and an Orbax checkpoint of `params` to `path`.
+
+    The directory appears only once everything is written; a failure leaves no
+    partial directory behind.
+    """
+    config, head = _model_and_config(model_or_config)
+    model = abstract_model(config, head)
+    expected = {m.path: m.flax_shape for m in tensor_mappings(model)}
+    flat = _flat_params(params)
+    _check_params_match(expected, flat)
+    tree = _unflatten_tree({_flax_key(p): v for p, v in flat.items()})
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        config.with_head(head).to_json_file(staging / CONFIG_FILE)
+        with open(staging / METADATA_FILE, "w", encoding="utf-8") as f:
+            json.dump({"format_version": FORMAT_VERSION, "head": head}, f, indent=2)
+            f.write("\n")
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((staging / PARAMS_DIR).absolute(), tree)
+        checkpointer.wait_until_finished()
+    logger.info("Saved %s (%s head, %d tensors)", path, head, len(flat))
+    return Path(path)
+
+
+def _check_params_match(
+    expected: dict[tuple, tuple], flat: dict[tuple, jax.Array]
+) -> None:
+    missing = sorted(_flax_key(p) for p in expected if p not in flat)
+    unknown = sorted(_flax_key(p) for p in flat if p not in expected)
+    wrong = sorted(
+        f"{_flax_key(p)}: {tuple(flat[p].shape)} != {shape}"
+        for p, shape in expected.items()
+        if p in flat and tuple(flat[p].shape) != shape
+    )
+    if missing or unknown or wrong:
+        raise CheckpointMismatchError(
+            "params do not match the model's config: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing {missing}" if missing else "",
+                    f"unknown {unknown}" if unknown else "",
+                    f"wrong shapes {wrong}" if wrong else "",
+                )
+                if part
+            )
+        )
+
+
+def torch_state_dict(model_or_config, params: nnx.State) -> dict[str, np.ndarray]:
+    """Convert `params` to a PyTorch-layout state dict of NumPy arrays (dtypes kept)."""
+    config, head = _model_and_config(model_or_config)
+    flat = _flat_params(params)
+    mappings = tensor_mappings(abstract_model(config, head))
+    _check_params_match({m.path: m.flax_shape for m in mappings}, flat)
+    return {
+        m.key: m.to_torch(np.asarray(jax.device_get(flat[m.path]))) for m in mappings
+    }
+
+
+def save_torch_checkpoint(
+    model_or_config,
+    params: nnx.State,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hugging Face directory (`config.json`, `model.safetensors`) that
+    transformers' `from_pretrained` loads with no missing or unexpected keys."""
+    config, head = _model_and_config(model_or_config)
+    tensors = torch_state_dict(model_or_config, params)
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        config.with_head(head).to_json_file(staging / CONFIG_FILE)
+        write_safetensors(tensors, staging / "model.safetensors")
+    logger.info(
+        "Wrote %s (%s, %d tensors)", path, HEAD_ARCHITECTURES[head], len(tensors)
+    )
+    return Path(path)

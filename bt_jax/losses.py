@@ -1,0 +1,73 @@
+"""Pure loss functions, written to match PyTorch's `cross_entropy` conventions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Divide by the L2 norm of the last axis, clamped below at `eps` (torch's F.normalize)."""
+    norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX
+) -> jax.Array:
+    """Mean softmax cross-entropy over the labels that are not `ignore_index`.
+
+    `labels` may carry a trailing axis of size 1. When every label is ignored the
+    result is NaN, as in PyTorch.
+    """
+    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    labels = labels.reshape(-1)
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"labels hold {labels.shape[0]} entries but logits hold {logits.shape[0]} rows; "
+            "pass one label per position."
+        )
+    valid = labels != ignore_index
+    safe_labels = jnp.where(valid, labels, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)
+
+
+def masked_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Cross-entropy over masked positions; `labels` is -100 where no loss is taken."""
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"MLM labels have shape {tuple(labels.shape)} but the logits cover "
+            f"{tuple(logits.shape[:-1])}; give one label per token (-100 to skip it)."
+        )
+    return cross_entropy(logits, labels)
+
+
+def contrastive_loss(
+    text_embeds: jax.Array,
+    image_embeds: jax.Array,
+    cross_embeds: jax.Array,
+    logit_scale: jax.Array,
+) -> jax.Array:
+    """Return the ITC loss of transformers' `BridgeTowerForContrastiveLearning`.
+
+    Pair i is the positive of row i in three similarity matrices (text-image,
+    text-cross, image-cross), each scaled by exp(logit_scale). The loss is the mean
+    of the three row-wise cross-entropies; there is no column (transposed) term.
+    """
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
+    labels = jnp.arange(text_embeds.shape[0])
+    total = 0.0
+    for left, right in (
+        (text_embeds, image_embeds),
+        (text_embeds, cross_embeds),
+        (image_embeds, cross_embeds),
+    ):
+        similarity = (
+            jnp.matmul(left, right.T, preferred_element_type=jnp.float32) * scale
+        )
+        total = total + cross_entropy(similarity, labels)
+    return total / 3.0

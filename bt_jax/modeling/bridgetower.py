@@ -1,0 +1,388 @@
+"""`BridgeTowerModel`: both uni-modal encoders, the bridges and the cross-modal tower.
+
+Data flow, with X = `config.num_hidden_layers` cross-modal layers per stream:
+
+1. The text encoder runs its first `text_split_index` layers and the vision
+   encoder its first `vision_split_index` blocks.
+2. Level 0: each stream's uni-modal output goes through its cross-modal
+   transform (a Linear), gets its token-type embedding (row 0 text, row 1 image)
+   and a LayerNorm (`cross_modal_{text,image}_layernorm`). The vision output is
+   first normalised by `ln_post`.
+3. Levels 1..X-1: each encoder runs one more layer. Its transformed output plus
+   the token-type embedding is merged into the previous cross-modal output by a
+   link tower. The image path gets no `cross_modal_image_layernorm` here.
+4. At every level the text cross layer attends to the image input of the same
+   level and vice versa, not to the other stream's output of that level.
+5. The poolers (Linear + tanh on token 0) of both streams are concatenated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bt_jax import sharding
+from bt_jax.config import BridgeTowerConfig
+from bt_jax.modeling import layers
+from bt_jax.modeling.cross_modal import CrossLayer, LinkTower
+from bt_jax.modeling.layers import HF_INIT_STD
+from bt_jax.modeling.outputs import BridgeTowerModelOutput
+from bt_jax.modeling.text import Pooler, TextModel
+from bt_jax.modeling.vision import VisionModel
+
+# Rows of the token-type table that BridgeTowerModel adds to the cross-modal inputs.
+NUM_TOKEN_TYPES = 2
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed")
+
+
+@dataclasses.dataclass
+class ForwardTrace:
+    """Everything a head may need from one forward pass."""
+
+    text_features: jax.Array
+    image_features: jax.Array
+    pooler_output: jax.Array
+    text_hidden_states: list[jax.Array]
+    image_hidden_states: list[jax.Array]
+    cross_hidden_states: list[tuple[jax.Array, jax.Array]]
+
+    def hidden_states(self):
+        return (
+            tuple(self.text_hidden_states),
+            tuple(self.image_hidden_states),
+            tuple(self.cross_hidden_states),
+        )
+
+
+def check_text_inputs(
+    config: BridgeTowerConfig, input_ids: jax.Array, attention_mask: jax.Array | None
+) -> None:
+    """Raise ValueError for text inputs the model cannot run on.
+
+    Shapes are always checked. Token id ranges are checked only for concrete
+    arrays, because traced values are unknown inside `jax.jit`.
+    """
+    text = config.text_config
+    if input_ids.ndim != 2:
+        raise ValueError(
+            f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}."
+        )
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}.")
+    length = input_ids.shape[1]
+    if length > text.max_text_length:
+        raise ValueError(
+            f"input_ids have {length} tokens but the position table allows at most "
+            f"{text.max_text_length} (max_position_embeddings="
+            f"{text.max_position_embeddings}). Truncate the text, for example with "
+            f"tokenizer(..., truncation=True, max_length={text.max_text_length})."
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(
+        input_ids.shape
+    ):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids have "
+            f"{tuple(input_ids.shape)}; they must match."
+        )
+    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= text.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids contain token id {bad}, outside the vocabulary "
+                f"[0, {text.vocab_size}); use the tokenizer that matches this checkpoint."
+            )
+
+
+class BridgeTowerModel(nnx.Module):
+    """The BridgeTower backbone, without a task head.
+
+    Construct it directly, or use `bt_jax.from_pretrained` to load weights.
+    Outside a mesh, parameters are created unsharded; under `jax.set_mesh` and
+    `nnx.logical_axis_rules`, Flax shards them as they are created.
+    """
+
+    def __init__(
+        self,
+        config: BridgeTowerConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        with _eager_sharding_if_mesh():
+            self._build(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def _build(self, config: BridgeTowerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.config = config
+        text, vision = config.text_config, config.vision_config
+        width = config.hidden_size
+        kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        std = HF_INIT_STD * config.initializer_factor
+
+        def transform(in_features):
+            return layers.linear(
+                in_features, width, ("embed", "mlp"), std=std, **kwargs
+            )
+
+        # With `share_cross_modal_transformer_layers` (all released checkpoints) one
+        # transform per modality serves every level; otherwise each level has its own.
+        if config.share_cross_modal_transformer_layers:
+            self.cross_modal_text_transform = transform(text.hidden_size)
+            self.cross_modal_image_transform = transform(vision.hidden_size)
+        else:
+            self.cross_modal_text_transform = nnx.List(
+                [transform(text.hidden_size) for _ in range(config.num_hidden_layers)]
+            )
+            self.cross_modal_image_transform = nnx.List(
+                [transform(vision.hidden_size) for _ in range(config.num_hidden_layers)]
+            )
+        self.token_type_embeddings = nnx.Embed(
+            NUM_TOKEN_TYPES,
+            width,
+            param_dtype=param_dtype,
+            embedding_init=layers.normal_init(std, (None, "embed")),
+            rngs=rngs,
+        )
+        self.vision_model = VisionModel(vision, **kwargs)
+        self.text_model = TextModel(text, **kwargs)
+        visual = self.vision_model.visual
+        if not vision.share_layernorm and config.init_layernorm_from_vision_encoder:
+            # Start every per-layer LayerNorm from ln_post, as the option's name says.
+            # The reference raises AttributeError here (it looks up a misnamed attribute).
+            for norm in visual.ln_separate:
+                norm.scale[...] = visual.ln_post.scale[...]
+                norm.bias[...] = visual.ln_post.bias[...]
+        self.cross_modal_image_layers = nnx.List(
+            [CrossLayer(text, **kwargs) for _ in range(config.num_hidden_layers)]
+        )
+        self.cross_modal_text_layers = nnx.List(
+            [CrossLayer(text, **kwargs) for _ in range(config.num_hidden_layers)]
+        )
+        self.cross_modal_image_pooler = Pooler(width, **kwargs)
+        self.cross_modal_text_pooler = Pooler(width, **kwargs)
+        eps = config.layer_norm_eps
+        self.cross_modal_text_layernorm = layers.layer_norm(
+            width, eps, param_dtype=param_dtype, rngs=rngs
+        )
+        self.cross_modal_image_layernorm = layers.layer_norm(
+            width, eps, param_dtype=param_dtype, rngs=rngs
+        )
+        # `share_link_tower_layers` means one link tower per modality, reused at every
+        # level. The reference builds that single module and then indexes it like a
+        # list, which raises TypeError; here the shared tower is applied at each level.
+        if config.share_link_tower_layers:
+            self.cross_modal_text_link_tower = LinkTower(
+                config, param_dtype=param_dtype, rngs=rngs
+            )
+            self.cross_modal_image_link_tower = LinkTower(
+                config, param_dtype=param_dtype, rngs=rngs
+            )
+        else:
+            self.cross_modal_text_link_tower = nnx.List(
+                [
+                    LinkTower(config, param_dtype=param_dtype, rngs=rngs)
+                    for _ in range(config.num_link_towers)
+                ]
+            )
+            self.cross_modal_image_link_tower = nnx.List(
+                [
+                    LinkTower(config, param_dtype=param_dtype, rngs=rngs)
+                    for _ in range(config.num_link_towers)
+                ]
+            )
+
+    def text_transform(self, hidden_states: jax.Array, level: int) -> jax.Array:
+        if self.config.share_cross_modal_transformer_layers:
+            return self.cross_modal_text_transform(hidden_states)
+        return self.cross_modal_text_transform[level](hidden_states)
+
+    def image_transform(self, hidden_states: jax.Array, level: int) -> jax.Array:
+        if self.config.share_cross_modal_transformer_layers:
+            return self.cross_modal_image_transform(hidden_states)
+        return self.cross_modal_image_transform[level](hidden_states)
+
+    def link_towers(self, level: int) -> tuple[LinkTower, LinkTower]:
+        """Return the (text, image) link towers that feed cross-modal layer `level` >= 1."""
+        if self.config.share_link_tower_layers:
+            return self.cross_modal_text_link_tower, self.cross_modal_image_link_tower
+        return (
+            self.cross_modal_text_link_tower[level - 1],
+            self.cross_modal_image_link_tower[level - 1],
+        )
+
+    def forward_trace(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        pixel_values: jax.Array,
+        *,
+        interpolate_pos_encoding: bool = False,
+        image_token_type_idx: int = 1,
+        dropout_rng: jax.Array | None = None,
+    ) -> ForwardTrace:
+        """Run the model and keep every intermediate a head may need."""
+        config = self.config
+        check_text_inputs(config, input_ids, attention_mask)
+        if pixel_values is None:
+            raise ValueError(
+                "pixel_values are required: BridgeTower always takes an image."
+            )
+        if pixel_values.ndim >= 1 and pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"pixel_values hold {pixel_values.shape[0]} images but input_ids hold "
+                f"{input_ids.shape[0]} texts; pass one image per text."
+            )
+        # The reference turns 0 into 1 (`idx or 1`); any other row must exist.
+        image_type = image_token_type_idx or 1
+        if not 0 < image_type < self.token_type_embeddings.num_embeddings:
+            raise ValueError(
+                f"image_token_type_idx={image_token_type_idx} is outside the token-type "
+                f"table (rows 0..{self.token_type_embeddings.num_embeddings - 1}, row 0 is "
+                "text); use 1."
+            )
+        rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        text_mask = layers.key_padding_mask(attention_mask)
+        text_layers = self.text_model.encoder.layer
+        vision = self.vision_model.visual
+        blocks = vision.transformer.resblocks
+
+        text = self.text_model.embeddings(input_ids, rngs=rngs)
+        text = sharding.constrain(text, ACTIVATION_AXES)
+        text_hidden = [text]
+        for layer in text_layers[: config.text_split_index]:
+            text = sharding.constrain(
+                layer(text, text_mask, rngs=rngs), ACTIVATION_AXES
+            )
+            text_hidden.append(text)
+
+        image = vision.forward_pre(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        image = sharding.constrain(image, ACTIVATION_AXES)
+        image_hidden = [image]
+        for block in blocks[: config.vision_split_index]:
+            image = sharding.constrain(block(image), ACTIVATION_AXES)
+            image_hidden.append(image)
+
+        # Token-type rows are broadcast over every position of their stream.
+        text_type = self.token_type_embeddings.embedding[0]
+        image_type_row = self.token_type_embeddings.embedding[image_type]
+
+        cross_text = self.cross_modal_text_layernorm(
+            self.text_transform(text, 0) + text_type
+        )
+        cross_image = self.cross_modal_image_layernorm(
+            self.image_transform(vision.forward_post(image), 0) + image_type_row
+        )
+        # The image stream is never padded, so only keys of the text stream are masked.
+        text_out = self.cross_modal_text_layers[0](
+            cross_text, cross_image, text_mask, None, rngs=rngs
+        )
+        image_out = self.cross_modal_image_layers[0](
+            cross_image, cross_text, None, text_mask, rngs=rngs
+        )
+        cross_hidden = [(text_out, image_out)]
+
+        for level in range(1, config.num_hidden_layers):
+            text_layer = text_layers[config.text_split_index - 1 + level]
+            block = blocks[config.vision_split_index - 1 + level]
+            text = sharding.constrain(
+                text_layer(text, text_mask, rngs=rngs), ACTIVATION_AXES
+            )
+            image = sharding.constrain(block(image), ACTIVATION_AXES)
+            text_hidden.append(text)
+            image_hidden.append(image)
+
+            text_link, image_link = self.link_towers(level)
+            cross_text = text_link(
+                self.text_transform(text, level) + text_type, text_out
+            )
+            cross_image = image_link(
+                self.image_transform(vision.forward_post(image), level)
+                + image_type_row,
+                image_out,
+            )
+            text_out = self.cross_modal_text_layers[level](
+                cross_text, cross_image, text_mask, None, rngs=rngs
+            )
+            image_out = self.cross_modal_image_layers[level](
+                cross_image, cross_text, None, text_mask, rngs=rngs
+            )
+            text_out = sharding.constrain(text_out, ACTIVATION_AXES)
+            image_out = sharding.constrain(image_out, ACTIVATION_AXES)
+            cross_hidden.append((text_out, image_out))
+
+        pooler_output = jnp.concatenate(
+            [
+                self.cross_modal_text_pooler(text_out),
+                self.cross_modal_image_pooler(image_out),
+            ],
+            axis=-1,
+        )
+        return ForwardTrace(
+            text_features=text_out,
+            image_features=image_out,
+            pooler_output=pooler_output,
+            text_hidden_states=text_hidden,
+            image_hidden_states=image_hidden,
+            cross_hidden_states=cross_hidden,
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        pixel_values: jax.Array | None = None,
+        pixel_mask: jax.Array | None = None,
+        *,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        image_token_type_idx: int = 1,
+        dropout_rng: jax.Array | None = None,
+    ) -> BridgeTowerModelOutput:
+        """Encode image-text pairs.
+
+        Args:
+          input_ids: `(batch, length)` RoBERTa token ids.
+          attention_mask: `(batch, length)`, 1 for tokens to attend to and 0 for
+            padding; all ones when None. A row of zeros is allowed and gives
+            uniform attention, as in the reference.
+          pixel_values: `(batch, height, width, channels)` normalised floats.
+          pixel_mask: accepted for signature compatibility and ignored, as in the
+            reference: the image stream is never masked.
+          interpolate_pos_encoding: resample the position table to the image size.
+          output_hidden_states: also return every layer's hidden states.
+          image_token_type_idx: token-type row added to the image stream (1).
+          dropout_rng: a PRNG key to run with dropout (training); None runs
+            deterministically.
+        """
+        del pixel_mask
+        trace = self.forward_trace(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            image_token_type_idx=image_token_type_idx,
+            dropout_rng=dropout_rng,
+        )
+        return BridgeTowerModelOutput(
+            text_features=trace.text_features,
+            image_features=trace.image_features,
+            pooler_output=trace.pooler_output,
+            hidden_states=trace.hidden_states() if output_hidden_states else None,
+        )
+
+
+def _eager_sharding_if_mesh():
+    """Shard parameters at creation only when a mesh is active.
+
+    Flax 0.12 shards annotated parameters eagerly and raises outside a mesh; a
+    single-device model needs no sharding, so it is built with eager sharding off.
+    """
+    return nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty)

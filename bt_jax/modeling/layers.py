@@ -1,0 +1,203 @@
+"""Building blocks shared by the encoders, the bridges and the heads.
+
+Numerical conventions follow the PyTorch reference (transformers 5.25):
+
+- every LayerNorm uses the epsilon from the config (1e-5 in all released
+  checkpoints; Flax's default is 1e-6) and the two-pass variance, and computes in
+  float32 even when the rest of the model runs in bfloat16;
+- GELU is the exact erf form, not Flax's default tanh approximation;
+- attention masks follow Hugging Face's convention, 1 = attend, and become boolean
+  masks where True = attend, the convention of `jax.nn.dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+# Standard deviation of the normal init that transformers' BridgeTower `_init_weights`
+# gives every Linear, Embedding and Conv weight outside the CLIP blocks.
+HF_INIT_STD = 0.05
+
+
+def normal_init(std: float, axes: Axes) -> Callable:
+    return nnx.with_partitioning(nnx.initializers.normal(stddev=std), axes)
+
+
+def zeros_init(axes: Axes) -> Callable:
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: Axes) -> Callable:
+    return nnx.with_partitioning(nnx.initializers.ones_init(), axes)
+
+
+def constant_init(value: float, axes: Axes) -> Callable:
+    return nnx.with_partitioning(nnx.initializers.constant(value), axes)
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    axes: Axes,
+    *,
+    std: float,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    """Create a Linear layer whose kernel is `(in, out)` with logical `axes`."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=normal_init(std, axes),
+        bias_init=zeros_init(axes[-1:]),
+        rngs=rngs,
+    )
+
+
+def head_projection(
+    in_features: int,
+    heads: Sequence[int],
+    axes: Axes,
+    *,
+    std: float,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+) -> nnx.LinearGeneral:
+    """Create a projection from the model width to `heads` (for example `(heads, head_dim)`).
+
+    The kernel is `(in, *heads)`; PyTorch stores the same weight as
+    `(prod(heads), in)`, so the converter only transposes and reshapes.
+    """
+    return nnx.LinearGeneral(
+        in_features,
+        tuple(heads),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=normal_init(std, axes),
+        bias_init=zeros_init(axes[1:]),
+        rngs=rngs,
+    )
+
+
+def output_projection(
+    num_heads: int,
+    head_dim: int,
+    out_features: int,
+    axes: Axes,
+    *,
+    std: float,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+) -> nnx.LinearGeneral:
+    """Create the projection that merges `(heads, head_dim)` back to the model width."""
+    return nnx.LinearGeneral(
+        (num_heads, head_dim),
+        out_features,
+        axis=(-2, -1),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=normal_init(std, axes),
+        bias_init=zeros_init(axes[-1:]),
+        rngs=rngs,
+    )
+
+
+def layer_norm(dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """Create a LayerNorm that computes in float32 with the two-pass variance."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=ones_init(("embed",)),
+        bias_init=zeros_init(("embed",)),
+        rngs=rngs,
+    )
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's activation, x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Names as in transformers' ACT2FN; "gelu" there is the exact erf form.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu_exact,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def key_padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
+    """Turn a `(batch, keys)` mask with 1 = attend into a `(batch, 1, 1, keys)` bool mask."""
+    if attention_mask is None:
+        return None
+    return (attention_mask != 0)[:, None, None, :]
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    dropout: nnx.Dropout | None,
+    rngs: nnx.Rngs | None,
+) -> jax.Array:
+    """Attend over `(batch, length, heads, head_dim)` arrays with a 1/sqrt(head_dim) scale.
+
+    A query whose keys are all masked gets uniform weights, so it returns the mean
+    of the values. That matches the reference, which adds float32's minimum to
+    masked scores, and it never produces NaN.
+
+    Without dropout this calls `jax.nn.dot_product_attention`, so accelerators can
+    use a fused kernel. `jax.nn.dot_product_attention` has no dropout on the
+    attention weights, so training with attention dropout takes the explicit path.
+    """
+    if rngs is None or dropout is None or dropout.rate == 0.0:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask)
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    scores = jnp.einsum(
+        "bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32
+    )
+    scores = scores * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    weights = dropout(weights, rngs=rngs)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+
+
+def apply_dropout(
+    dropout: nnx.Dropout, x: jax.Array, rngs: nnx.Rngs | None
+) -> jax.Array:
+    """Apply `dropout` in training (when `rngs` is given) and pass `x` through otherwise."""
+    if rngs is None or dropout.rate == 0.0:
+        return x
+    return dropout(x, deterministic=False, rngs=rngs)

@@ -1,0 +1,1 @@
+"""Programs that convert BridgeTower checkpoints and check parity with PyTorch."""

@@ -1,0 +1,172 @@
+"""Command line: `python -m convert {to-jax,to-torch,verify,init-random} ...`.
+
+to-jax SRC OUT       Hugging Face PyTorch checkpoint directory -> bt-jax directory
+to-torch SRC OUT     bt-jax directory -> Hugging Face directory (config.json,
+                     model.safetensors) that transformers' from_pretrained loads
+verify SRC           run the PyTorch reference and bt-jax on the same inputs and
+                     print every output's and every layer's difference
+init-random OUT      write a randomly initialised PyTorch checkpoint of a preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+HEADS = ("model", "mlm", "itm", "itc")
+DTYPES = ("keep", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert BridgeTower checkpoints between PyTorch and bt-jax, and check parity.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug details"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    to_jax = commands.add_parser(
+        "to-jax", help="PyTorch checkpoint directory -> bt-jax directory"
+    )
+    to_jax.add_argument(
+        "src", help="Hugging Face directory with config.json and weights"
+    )
+    to_jax.add_argument(
+        "out", help="output directory (must not exist unless --overwrite)"
+    )
+    to_jax.add_argument(
+        "--head", choices=HEADS, help="head to load (default: config.json's)"
+    )
+    to_jax.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="keep",
+        help="parameter dtype to store (default: keep the checkpoint's)",
+    )
+    to_jax.add_argument(
+        "--init-missing-heads",
+        action="store_true",
+        help="initialise head weights the checkpoint lacks at random instead of failing",
+    )
+    to_jax.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists"
+    )
+
+    to_torch = commands.add_parser(
+        "to-torch", help="bt-jax directory -> Hugging Face directory"
+    )
+    to_torch.add_argument(
+        "src", help="directory written by to-jax or bt_jax.save_pretrained"
+    )
+    to_torch.add_argument(
+        "out", help="output directory (must not exist unless --overwrite)"
+    )
+    to_torch.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists"
+    )
+
+    verify = commands.add_parser(
+        "verify", help="compare bt-jax with the PyTorch reference"
+    )
+    verify.add_argument("src", help="Hugging Face directory to run the reference from")
+    verify.add_argument(
+        "--jax",
+        dest="jax_dir",
+        help="bt-jax directory to compare (default: convert SRC in memory)",
+    )
+    verify.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="max absolute difference allowed (default 1e-4)",
+    )
+    verify.add_argument(
+        "--json", action="store_true", help="print the report as one JSON object"
+    )
+    verify.add_argument(
+        "--head", choices=HEADS, help="head to run (default: config.json's)"
+    )
+    verify.add_argument(
+        "--batch", type=int, default=3, help="pairs per batch (default 3)"
+    )
+    verify.add_argument(
+        "--text-length",
+        type=int,
+        default=16,
+        help="tokens in the longest text (default 16)",
+    )
+    verify.add_argument(
+        "--image-size",
+        type=int,
+        help="image side in pixels; other than the model's, positions are interpolated",
+    )
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+
+    init = commands.add_parser(
+        "init-random",
+        help="write a randomly initialised PyTorch checkpoint of a preset",
+    )
+    init.add_argument(
+        "out", help="output directory (must not exist unless --overwrite)"
+    )
+    init.add_argument(
+        "--config", required=True, help="preset file, e.g. configs/base.py"
+    )
+    init.add_argument(
+        "--head", choices=HEADS, default="itm", help="head class (default itm)"
+    )
+    init.add_argument(
+        "--seed", type=int, default=0, help="torch seed of the initialisation"
+    )
+    init.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Our own stages log at INFO; Orbax and absl log every file operation at INFO,
+    # so other libraries are shown from WARNING up unless --verbose is given.
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for name in ("convert", "bt_jax"):
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if args.verbose else logging.INFO
+        )
+    # Imported here so that `--help` answers without loading JAX.
+    from convert import commands
+
+    try:
+        if args.command == "to-jax":
+            commands.to_jax(args)
+        elif args.command == "to-torch":
+            commands.to_torch(args)
+        elif args.command == "init-random":
+            commands.init_random(args)
+        else:
+            report = commands.verify(args)
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                from convert.verify import format_report
+
+                print(format_report(report))
+            return 0 if report["passed"] else 1
+    except (OSError, ValueError, ImportError, TypeError) as err:
+        logging.getLogger("convert").debug("failure details", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
