@@ -32,6 +32,7 @@ from bt_jax.weights.io import open_checkpoint, write_safetensors
 from bt_jax.weights.mapping import (
     CheckpointMismatchError,
     TensorMapping,
+    canonical_key,
     plan_load,
     tensor_mappings,
 )
@@ -184,15 +185,48 @@ def iter_checkpoint_params(
         )
         return
     with open_checkpoint(path) as source:
+        aliases = _ln_separate_aliases(model.config, mappings, source.shapes)
+        shapes = {**source.shapes, **{k: source.shapes[v] for k, v in aliases.items()}}
         plan = plan_load(
             mappings,
-            source.shapes,
+            shapes,
             source=source.description,
             init_missing_heads=init_missing_heads,
         )
         for mapping in mappings:
             key = plan.sources.get(mapping.key)
+            key = aliases.get(key, key)
             yield mapping, (None if key is None else mapping.to_flax(source[key]))
+
+
+def _ln_separate_aliases(
+    config: BridgeTowerConfig, mappings: list[TensorMapping], shapes: dict
+) -> dict[str, str]:
+    """Map absent `ln_separate` tensors to `ln_post` when the config asks for that.
+
+    With `share_layernorm=False` and `init_layernorm_from_vision_encoder=True`, the
+    per-layer LayerNorms start from the vision encoder's `ln_post`, as the original
+    BridgeTower code does when it builds the model from a CLIP checkpoint that has
+    no per-layer LayerNorms.
+    """
+    if (
+        config.vision_config.share_layernorm
+        or not config.init_layernorm_from_vision_encoder
+    ):
+        return {}
+    present = {canonical_key(k): k for k in shapes}
+    aliases = {}
+    for mapping in mappings:
+        canonical = canonical_key(mapping.key)
+        if ".visual.ln_separate." not in canonical or canonical in present:
+            continue
+        leaf = canonical.rsplit(".", 1)[1]
+        post = present.get(f"vision_model.visual.ln_post.{leaf}")
+        if post is not None:
+            aliases[mapping.key] = post
+    if aliases:
+        logger.info("Initialising %d ln_separate tensors from ln_post", len(aliases))
+    return aliases
 
 
 def _flax_key(path: tuple) -> str:

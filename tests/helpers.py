@@ -1,0 +1,189 @@
+"""Shared helpers: random PyTorch reference models, inputs, and output comparison.
+
+Parity tests build a random transformers model, perturb every parameter (so a
+swapped LayerNorm scale and bias, or an untrained link-tower scalar, cannot hide),
+save it as real checkpoint files and load those with bt-jax.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from bt_jax.config import HEAD_ARCHITECTURES, load_preset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = load_preset(REPO / "configs" / "tiny.py").to_dict()
+BASE = load_preset(REPO / "configs" / "base.py").to_dict()
+
+
+def tiny_config(**overrides) -> dict:
+    """Return the tiny preset as a config.json dict with `overrides` applied.
+
+    `text_config` and `vision_config` overrides are merged into the sub-dicts.
+    """
+    config = copy.deepcopy(TINY)
+    for key, value in overrides.items():
+        if key in ("text_config", "vision_config"):
+            config[key].update(value)
+        else:
+            config[key] = value
+    return config
+
+
+def torch_model(config: dict, head: str, *, seed: int = 0) -> torch.nn.Module:
+    """Build a transformers model for `head` and perturb all of its parameters."""
+    torch.manual_seed(seed)
+    cls = getattr(transformers, HEAD_ARCHITECTURES[head])
+    model = cls(transformers.BridgeTowerConfig.from_dict(config)).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+            if name.endswith(("scaled_factor", "beta")):
+                param.copy_(
+                    0.3 + 0.2 * noise.abs()
+                )  # away from the init values 1 and 0.5
+            elif param.ndim <= 1:
+                param.add_(0.1 * noise)  # LayerNorm scales and all biases leave 1 and 0
+    return model
+
+
+def save_torch_model(model: torch.nn.Module, directory: Path, **kwargs) -> Path:
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def make_batch(
+    config: dict,
+    *,
+    batch: int = 3,
+    length: int = 9,
+    image_size: int | None = None,
+    seed: int = 0,
+    empty_row: bool = True,
+) -> dict[str, np.ndarray]:
+    """Build texts of different lengths and random pixels in JAX layout.
+
+    Row 0 uses the whole length and holds a pad token id in the middle; later
+    rows are shorter and padded; with `empty_row` the last row's attention mask
+    is all zeros.
+    """
+    text = config["text_config"]
+    rng = np.random.default_rng(seed)
+    input_ids = np.full((batch, length), text["pad_token_id"], np.int64)
+    mask = np.zeros((batch, length), np.int64)
+    for row in range(batch):
+        size = max(3, length - 2 * row)
+        input_ids[row, 0] = text["bos_token_id"]
+        input_ids[row, 1 : size - 1] = rng.integers(3, text["vocab_size"], size - 2)
+        input_ids[row, size - 1] = text["eos_token_id"]
+        mask[row, :size] = 1
+    input_ids[0, length // 2] = text["pad_token_id"]  # a pad id inside a real sentence
+    if empty_row:
+        mask[-1] = 0
+    side = image_size or config["vision_config"]["image_size"]
+    channels = config["vision_config"].get("num_channels", 3)
+    pixels = rng.standard_normal((batch, side, side, channels)).astype(np.float32)
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def head_kwargs(head: str, batch: dict[str, np.ndarray]) -> dict:
+    """Labels for the heads that compute a loss."""
+    if head == "mlm":
+        return {
+            "labels": np.where(batch["attention_mask"] == 1, batch["input_ids"], -100)
+        }
+    if head == "itm":
+        return {"labels": np.arange(len(batch["input_ids"])) % 2}
+    if head == "itc":
+        return {"return_loss": True}
+    return {}
+
+
+OUTPUT_NAMES = {
+    "model": ("text_features", "image_features", "pooler_output"),
+    "mlm": ("logits", "loss"),
+    "itm": ("logits", "loss"),
+    "itc": ("logits", "text_embeds", "image_embeds", "cross_embeds", "loss"),
+}
+
+
+def run_torch(model, head: str, batch: dict, **options) -> dict[str, np.ndarray]:
+    """Run the reference and return its outputs and hidden states by name."""
+    kwargs = {
+        "input_ids": torch.from_numpy(batch["input_ids"]),
+        "attention_mask": torch.from_numpy(batch["attention_mask"]),
+        "pixel_values": torch.from_numpy(
+            batch["pixel_values"].transpose(0, 3, 1, 2).copy()
+        ),
+        "output_hidden_states": True,
+    }
+    for key, value in {**head_kwargs(head, batch), **options}.items():
+        kwargs[key] = (
+            torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        )
+    with torch.no_grad():
+        output = model(**kwargs)
+    named = {n: getattr(output, n).numpy() for n in OUTPUT_NAMES[head]}
+    text, image, cross = output.hidden_states
+    named.update({f"text.{i}": t.numpy() for i, t in enumerate(text)})
+    # The reference returns vision states sequence-first: (tokens, batch, width).
+    named.update(
+        {f"image.{i}": t.numpy().transpose(1, 0, 2) for i, t in enumerate(image)}
+    )
+    for i, (t, v) in enumerate(cross):
+        named[f"cross.{i}.text"] = t.numpy()
+        named[f"cross.{i}.image"] = v.numpy()
+    return named
+
+
+def run_jax(model, head: str, batch: dict, **options) -> dict[str, np.ndarray]:
+    """Run a bt-jax model on the same batch and name its outputs like `run_torch`."""
+    kwargs = {
+        k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
+        for k, v in head_kwargs(head, batch).items()
+    }
+    output = model(
+        jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["attention_mask"]),
+        jnp.asarray(batch["pixel_values"]),
+        output_hidden_states=True,
+        **kwargs,
+        **options,
+    )
+    named = {n: np.asarray(getattr(output, n)) for n in OUTPUT_NAMES[head]}
+    text, image, cross = output.hidden_states
+    named.update({f"text.{i}": np.asarray(t) for i, t in enumerate(text)})
+    named.update({f"image.{i}": np.asarray(t) for i, t in enumerate(image)})
+    for i, (t, v) in enumerate(cross):
+        named[f"cross.{i}.text"] = np.asarray(t)
+        named[f"cross.{i}.image"] = np.asarray(v)
+    return named
+
+
+def assert_outputs_close(expected: dict, actual: dict, atol: float) -> None:
+    """Assert that every named output matches, listing each one that does not."""
+    assert sorted(actual) == sorted(expected), "output names differ"
+    failures = []
+    for name, reference in expected.items():
+        value = actual[name]
+        if value.shape != reference.shape:
+            failures.append(f"{name}: shape {value.shape} != {reference.shape}")
+            continue
+        if not np.isfinite(value).all():
+            failures.append(f"{name}: contains NaN or inf")
+            continue
+        error = (
+            float(np.abs(value.astype(np.float64) - reference).max())
+            if value.size
+            else 0.0
+        )
+        if error > atol:
+            failures.append(f"{name}: max abs diff {error:.2e} > {atol:.0e}")
+    assert not failures, "outputs differ from PyTorch:\n" + "\n".join(failures)
