@@ -76,19 +76,51 @@ def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES) -> Partitio
 def constrain(
     x: jax.Array, axes: Sequence[str | None], rules=DEFAULT_RULES
 ) -> jax.Array:
-    """Constrain an activation's sharding by logical names; a no-op outside a mesh."""
+    """Constrain an activation's sharding by logical names; a no-op outside a mesh.
+
+    Dimensions the mesh does not divide (an odd batch, say) stay replicated.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
+    spec = fit_spec(logical_to_spec(axes, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh) -> PartitionSpec:
+    """Replicate the dimensions of `shape` that their mesh axes do not divide evenly.
+
+    The vocabulary (50265 rows) is the usual case: it cannot be split in two.
+    """
+    fitted = []
+    padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+    for size, axes in zip(shape, padded, strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = math.prod(mesh.shape[name] for name in names)
+        fitted.append(axes if size % ways == 0 else None)
+    return PartitionSpec(*fitted)
 
 
 def param_shardings(
     abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES
 ) -> nnx.State:
-    """Return a NamedSharding for every parameter of `abstract_state` under `rules`."""
+    """Return a NamedSharding for every parameter of `abstract_state` under `rules`.
+
+    A dimension that its mesh axes do not divide is replicated instead.
+    """
     with nnx.logical_axis_rules(list(rules)):
-        return nnx.get_named_sharding(abstract_state, mesh)
+        specs = nnx.get_partition_spec(abstract_state)
+
+    def to_sharding(variable, spec_variable):
+        spec = fit_spec(spec_variable.get_value(), variable.shape, mesh)
+        return spec_variable.replace(value=NamedSharding(mesh, spec))
+
+    return jax.tree.map(
+        to_sharding,
+        abstract_state,
+        specs,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def put_array(value: np.ndarray, sharding: NamedSharding | None) -> jax.Array:
