@@ -378,9 +378,9 @@ class BridgeTowerConfig:
         _apply_legacy_keys(data, _LEGACY_TOP_LEVEL_KEYS, "config")
         # Pre-release configs also kept vision flags at the top level.
         vision = dict(data.pop("vision_config", None) or {})
-        for old, new in _LEGACY_VISION_KEYS.items():
-            if old in data and new not in vision:
-                vision[new] = data.pop(old)
+        for old in _LEGACY_VISION_KEYS:
+            if old in data:
+                vision[old] = data.pop(old)
         text = data.pop("text_config", None) or {}
         known, extra = _split_known(cls, data)
         return cls(
