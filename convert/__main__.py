@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="image side in pixels; other than the model's, positions are interpolated",
     )
     verify.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    verify.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bt-jax compute dtype; the reference always runs in float32 (default float32)",
+    )
+    verify.add_argument(
+        "--only",
+        help="comma-separated glob patterns of the outputs to compare, "
+        "e.g. 'probabilities' or 'logits,hidden.cross.*' (default: all)",
+    )
 
     init = commands.add_parser(
         "init-random",

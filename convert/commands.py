@@ -73,6 +73,8 @@ def verify(args: argparse.Namespace) -> dict:
         text_length=args.text_length,
         image_size=args.image_size,
         seed=args.seed,
+        dtype=args.dtype,
+        only=args.only.split(",") if args.only else None,
     )
 
 

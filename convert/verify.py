@@ -9,6 +9,7 @@ where the two implementations part ways.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 import resource
@@ -99,6 +100,15 @@ def _named_outputs(
         value = getattr(output, name)
         if value is not None:
             arrays[name] = _to_numpy(value)
+    if head == "itm":
+        # What users read off an ITM model: the softmax over (no match, match).
+        logits = arrays["logits"].astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        arrays["probabilities"] = (exp / exp.sum(axis=-1, keepdims=True)).astype(
+            np.float32
+        )
+    if hidden_states is None:
+        return arrays
     text_states, image_states, cross_states = hidden_states
     for i, state in enumerate(text_states):
         arrays[f"hidden.text.{i}"] = _to_numpy(state)
@@ -148,9 +158,14 @@ def run_reference(
 
 
 def run_jax(
-    source: str, head: str, inputs: Inputs, interpolate: bool, dtype=jnp.float32
+    source: str,
+    head: str,
+    inputs: Inputs,
+    interpolate: bool,
+    dtype=jnp.float32,
+    with_hidden_states: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Load the bt-jax model from `source` and run it under `jax.jit`."""
+    """Load the bt-jax model from `source` and run it under `jax.jit` in compute `dtype`."""
     model, _ = bt_jax.from_pretrained(source, head=head, dtype=dtype)
     graphdef, state = nnx.split(model)
     options = dict(interpolate_pos_encoding=interpolate, output_hidden_states=True)
@@ -163,14 +178,19 @@ def run_jax(
         model = nnx.merge(graphdef, state)
         return model(input_ids, attention_mask, pixel_values, **labels, **options)
 
-    output = forward(
-        state,
-        jnp.asarray(inputs.input_ids),
-        jnp.asarray(inputs.attention_mask),
-        jnp.asarray(inputs.pixel_values),
-        labels,
-    )
-    return _named_outputs(head, output, output.hidden_states, image_first=True)
+    # GPUs and TPUs may run float32 matmuls with reduced-precision passes unless told
+    # otherwise; the reference's float32 is full precision.
+    precision = "highest" if dtype == jnp.float32 else None
+    with jax.default_matmul_precision(precision):
+        output = forward(
+            state,
+            jnp.asarray(inputs.input_ids),
+            jnp.asarray(inputs.attention_mask),
+            jnp.asarray(inputs.pixel_values),
+            labels,
+        )
+    hidden_states = output.hidden_states if with_hidden_states else None
+    return _named_outputs(head, output, hidden_states, image_first=True)
 
 
 def compare(
@@ -217,8 +237,15 @@ def verify(
     text_length: int = 16,
     image_size: int | None = None,
     seed: int = 0,
+    dtype: str = "float32",
+    only: list[str] | None = None,
 ) -> dict:
-    """Run both implementations on the same inputs and return the report as a dict."""
+    """Run both implementations on the same inputs and return the report as a dict.
+
+    The reference always runs in float32; `dtype` sets bt-jax's compute dtype.
+    `only` keeps the outputs whose names match one of its glob patterns (for
+    example "probabilities" or "hidden.cross.*").
+    """
     started = time.perf_counter()
     config = load_config(source)
     if jax_dir is not None:
@@ -239,8 +266,26 @@ def verify(
         "Running the PyTorch reference (%s) from %s", HEAD_ARCHITECTURES[head], source
     )
     reference = run_reference(source, head, inputs, interpolate)
-    logger.info("Running bt-jax from %s", jax_dir or source)
-    candidate = run_jax(jax_dir or source, head, inputs, interpolate)
+    if only:
+        reference = {
+            k: v
+            for k, v in reference.items()
+            if any(fnmatch.fnmatch(k, p) for p in only)
+        }
+        if not reference:
+            raise ValueError(
+                f"--only {','.join(only)} matches no output; names look like logits, "
+                "probabilities, loss, hidden.text.3, hidden.cross.0.image."
+            )
+    logger.info("Running bt-jax from %s in %s", jax_dir or source, dtype)
+    candidate = run_jax(
+        jax_dir or source,
+        head,
+        inputs,
+        interpolate,
+        dtype=jnp.dtype(dtype),
+        with_hidden_states=any(k.startswith("hidden.") for k in reference),
+    )
     rows = compare(reference, candidate, atol)
     return {
         "source": os.fspath(source),
@@ -250,6 +295,7 @@ def verify(
         "batch": batch,
         "text_length": text_length,
         "image_size": image_size or config.vision_config.image_size,
+        "dtype": dtype,
         "passed": all(row.ok for row in rows),
         "max_abs": max((row.max_abs for row in rows), default=0.0),
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -281,7 +327,8 @@ def format_report(report: dict) -> str:
     lines.append("-" * (width + 48))
     lines.append(
         f"{verdict}: max abs {report['max_abs']:.2e} (atol {report['atol']:.0e}), head "
-        f"{report['head']}, batch {report['batch']}, text length {report['text_length']}, "
+        f"{report['head']}, {report['dtype']}, batch {report['batch']}, text length "
+        f"{report['text_length']}, "
         f"image {report['image_size']} px, {report['wall_seconds']} s, peak memory "
         f"{report['peak_memory_gib']} GiB"
     )
