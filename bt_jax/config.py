@@ -224,7 +224,7 @@ class TextConfig:
 
     @property
     def max_text_length(self) -> int:
-        """Longest input the position table allows.
+        """Maximum input length in tokens that the position table allows.
 
         RoBERTa numbers real tokens from `pad_token_id + 1`, so a sequence of length
         T needs position `T + pad_token_id`, which must be a row of the table.

@@ -202,7 +202,7 @@ def iter_checkpoint_params(
 def _ln_separate_aliases(
     config: BridgeTowerConfig, mappings: list[TensorMapping], shapes: dict
 ) -> dict[str, str]:
-    """Map absent `ln_separate` tensors to `ln_post` when the config asks for that.
+    """Map absent `ln_separate` tensors to `ln_post` when the config requests it.
 
     With `share_layernorm=False` and `init_layernorm_from_vision_encoder=True`, the
     per-layer LayerNorms start from the vision encoder's `ln_post`, as the original

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(
             logging.DEBUG if args.verbose else logging.INFO
         )
-    # Imported here so that `--help` answers without loading JAX.
+    # Imported here so that `--help` returns without loading JAX.
     from convert import commands
 
     try:

@@ -1,9 +1,9 @@
 """Run the PyTorch reference and bt-jax side by side and compare every output.
 
-The report lists each head output and every layer's hidden states with the
-maximum absolute difference and the relative difference (the maximum absolute
-difference divided by the largest absolute reference value), so a user sees
-where the two implementations part ways.
+The report lists each head output and every layer's hidden states with two
+numbers: the maximum absolute difference, and the relative difference, which is
+the maximum absolute difference divided by the largest absolute reference value.
+A user sees where the two implementations part ways.
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def run_jax(
         model = nnx.merge(graphdef, state)
         return model(input_ids, attention_mask, pixel_values, **labels, **options)
 
-    # GPUs and TPUs may run float32 matmuls with reduced-precision passes unless told
-    # otherwise; the reference's float32 is full precision.
+    # GPUs and TPUs may compute float32 matmuls in reduced-precision passes by
+    # default, while the reference computes them in full float32.
     precision = "highest" if dtype == jnp.float32 else None
     with jax.default_matmul_precision(precision):
         output = forward(

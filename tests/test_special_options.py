@@ -156,7 +156,7 @@ def test_init_layernorm_from_vision_encoder_at_random_init():
         )
 
 
-def test_without_init_flag_missing_ln_separate_is_an_error(tmp_path):
+def test_missing_ln_separate_raises(tmp_path):
     reference = torch_model(tiny_config(), "itm")
     reference.save_pretrained(tmp_path / "hf")
     config = tiny_config(vision_config={"share_layernorm": False})

@@ -151,7 +151,7 @@ class BridgeTowerModel(nnx.Module):
         self.text_model = TextModel(text, **kwargs)
         visual = self.vision_model.visual
         if not vision.share_layernorm and config.init_layernorm_from_vision_encoder:
-            # Start every per-layer LayerNorm from ln_post, as the option's name says.
+            # Start every per-layer LayerNorm from ln_post, as the option's name describes.
             # The reference raises AttributeError here (it looks up a misnamed attribute).
             for norm in visual.ln_separate:
                 norm.scale[...] = visual.ln_post.scale[...]

@@ -1,6 +1,6 @@
 """Task heads (MLM, ITM, ITC) and the model classes that put them on the backbone.
 
-Each `BridgeTowerFor*` class holds the backbone as `bridgetower` and its head
+Each `BridgeTowerFor*` class contains the backbone as `bridgetower` and its head
 under the reference's attribute name, so parameter paths match the state-dict
 keys of the matching transformers class.
 """
@@ -149,7 +149,7 @@ class BridgeTowerForMaskedLM(_HeadModel):
         """Predict the vocabulary at every text position.
 
         With `labels` (`(batch, length)`, -100 where no loss is taken) the output
-        also holds the mean cross-entropy over the labelled positions.
+        also contains the mean cross-entropy over the labelled positions.
         """
         del pixel_mask
         trace = self.bridgetower.forward_trace(

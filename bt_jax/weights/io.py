@@ -275,7 +275,7 @@ def _load_torch_file(path: Path) -> dict:
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointFileError(
-            f"{path} holds non-tensor entries {not_tensors[:5]}; expected a plain state dict."
+            f"{path} contains non-tensor entries {not_tensors[:5]}; expected a plain state dict."
         )
     return state
 

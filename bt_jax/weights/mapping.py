@@ -28,9 +28,9 @@ Loading a checkpoint follows these rules:
    `token_type_ids` of the embeddings) are dropped.
 4. Everything else must match one to one. An unknown tensor, a missing tensor or
    a shape mismatch raises `CheckpointMismatchError` naming the keys and shapes.
-   A head the checkpoint lacks is an error too, unless the caller passes
-   `init_missing_heads=True`; then it keeps its random initialisation and a
-   warning names every such tensor.
+   A head the checkpoint lacks is an error too. With `init_missing_heads=True`
+   it keeps its random initialisation instead, and a warning names every such
+   tensor.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class CheckpointMismatchError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TensorMapping:
-    """How one Flax parameter is stored in a PyTorch state dict."""
+    """Storage of one Flax parameter in a PyTorch state dict: key, shapes and layout."""
 
     path: tuple[str | int, ...]
     key: str
@@ -156,7 +156,7 @@ def is_head_key(key: str) -> bool:
 
 @dataclasses.dataclass
 class LoadPlan:
-    """Which checkpoint key fills each parameter, and what was left aside."""
+    """Result of matching a checkpoint: the source of each parameter, the keys left aside."""
 
     sources: dict[str, str]  # target key -> checkpoint key
     skipped_heads: list[str]
