@@ -60,6 +60,12 @@ def _as_square_size(value: Any, name: str) -> int:
     return value
 
 
+def _check_positive(where: str, **sizes: Any) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}.{name}={value!r} must be a positive integer.")
+
+
 def _split_known(cls: type, data: Mapping[str, Any]) -> tuple[dict, dict]:
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     known = {k: v for k, v in data.items() if k in names}
@@ -109,6 +115,11 @@ class VisionConfig:
         )
         object.__setattr__(
             self, "image_size", _as_square_size(self.image_size, "image_size")
+        )
+        _check_positive(
+            "vision_config",
+            hidden_size=self.hidden_size,
+            num_channels=self.num_channels,
         )
         # CLIP fixes the head width at 64, so the head count follows from the width.
         if self.hidden_size < 64 or self.hidden_size % self.num_attention_heads:
@@ -196,7 +207,15 @@ class TextConfig:
     extra: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.num_attention_heads < 1 or self.hidden_size % self.num_attention_heads:
+        _check_positive(
+            "text_config",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            type_vocab_size=self.type_vocab_size,
+        )
+        if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"text_config.hidden_size={self.hidden_size} is not divisible by "
                 f"text_config.num_attention_heads={self.num_attention_heads}; choose a "
@@ -206,6 +225,13 @@ class TextConfig:
             raise ValueError(
                 f"text_config.hidden_act={self.hidden_act!r} is not supported; use one of "
                 f"{', '.join(ACTIVATIONS)}."
+            )
+        if isinstance(self.pad_token_id, bool) or not isinstance(
+            self.pad_token_id, int
+        ):
+            raise ValueError(
+                f"text_config.pad_token_id={self.pad_token_id!r} must be an integer: "
+                "RoBERTa position ids are counted from it (1 in released checkpoints)."
             )
         if self.max_position_embeddings <= self.pad_token_id + 1:
             raise ValueError(

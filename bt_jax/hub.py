@@ -236,13 +236,19 @@ def _flax_key(path: tuple) -> str:
 def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings):
     params_dir = (directory / PARAMS_DIR).absolute()
     checkpointer = ocp.StandardCheckpointer()
+    recreate = "Re-create it with bt_jax.save_pretrained or `python -m convert to-jax`."
     try:
-        metadata = checkpointer.metadata(params_dir).item_metadata.tree
+        item_metadata = checkpointer.metadata(params_dir).item_metadata
     except Exception as err:  # Orbax raises several error types for damaged checkpoints
         raise ValueError(
-            f"cannot read the Orbax checkpoint in {params_dir}: {err}. Re-create it with "
-            "bt_jax.save_pretrained or `python -m convert to-jax`."
+            f"cannot read the Orbax checkpoint in {params_dir}: {err}. {recreate}"
         ) from None
+    if item_metadata is None:
+        raise ValueError(
+            f"{params_dir} has no Orbax checkpoint metadata; the checkpoint is incomplete "
+            f"or damaged. {recreate}"
+        )
+    metadata = item_metadata.tree
     stored = dict(_flatten_tree(metadata))
     # The bt-jax layout is the Flax one, so a mapping onto itself reuses the
     # PyTorch loading rules (prefix handling, foreign heads, strict accounting).

@@ -9,7 +9,7 @@ looked for:
 - `pytorch_model.bin.index.json` with the shards it names
 
 safetensors are read without torch, one tensor at a time. `.bin` files need torch
-and are opened with `torch.load(..., weights_only=True, mmap=True)`, which never
+and are opened with `torch.load(..., weights_only=True)`, which never
 runs code from the file.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -262,10 +263,15 @@ def _import_torch():
 def _load_torch_file(path: Path) -> dict:
     torch = _import_torch()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # torch can memory-map only the zip format (the default since torch 1.6);
+        # older files are read whole.
+        state = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
     except Exception as err:  # torch raises RuntimeError, pickle errors and more
+        reason = str(err).rstrip(".")
         raise CheckpointFileError(
-            f"cannot load {path} with torch.load(weights_only=True): {err}. The file may be "
+            f"cannot load {path} with torch.load(weights_only=True): {reason}. The file may be "
             "truncated or corrupt, or contain objects other than tensors."
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
@@ -300,6 +306,6 @@ def write_safetensors(
     tensors: Mapping[str, np.ndarray], path: str | os.PathLike
 ) -> None:
     """Write `tensors` as one safetensors file that transformers' from_pretrained reads."""
-    arrays = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
+    arrays = {key: np.asarray(value, order="C") for key, value in tensors.items()}
     # transformers rejects safetensors files whose metadata lacks a known format.
     save_file(arrays, str(path), metadata={"format": "pt"})

@@ -89,13 +89,15 @@ class TensorMapping:
     def to_torch(self, array: np.ndarray) -> np.ndarray:
         """Convert a Flax-layout array of this parameter to the PyTorch layout."""
         if self.layout == "transpose":
-            return np.ascontiguousarray(array.T)
+            return np.asarray(array.T, order="C")
         if self.layout == "general":
             in_size = math.prod(self.torch_shape[1:])
-            return np.ascontiguousarray(array.reshape(in_size, -1).T)
+            return np.asarray(array.reshape(in_size, -1).T, order="C")
         if self.layout == "conv":
-            return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-        return np.ascontiguousarray(array.reshape(self.torch_shape))
+            return np.asarray(array.transpose(3, 2, 0, 1), order="C")
+        # np.asarray keeps 0-d scalars (logit_scale) 0-d; np.ascontiguousarray would
+        # turn them into shape (1,), which transformers rejects.
+        return np.asarray(array.reshape(self.torch_shape), order="C")
 
 
 def tensor_mappings(model: nnx.Module) -> list[TensorMapping]:
@@ -182,6 +184,9 @@ def plan_load(
         the message lists every offending key with its shape.
     """
     targets = {canonical_key(m.key): m for m in mappings}
+    own_heads = {
+        canonical_key(m.key).split(".", 1)[0] for m in mappings if is_head_key(m.key)
+    }
     available: dict[str, str] = {}
     dropped, skipped, unknown = [], [], []
     for key in checkpoint_shapes:
@@ -195,7 +200,7 @@ def plan_load(
             )
         elif canonical in targets:
             available[canonical] = key
-        elif is_head_key(key):
+        elif is_head_key(key) and canonical.split(".", 1)[0] not in own_heads:
             skipped.append(key)
         else:
             unknown.append(key)
