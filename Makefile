@@ -1,0 +1,33 @@
+# The two entry points a newcomer needs; both set up .venv first.
+#   make demo   build a random base-size checkpoint with transformers, convert it
+#               to bt-jax and print the parity report against PyTorch
+#   make test   lint and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test lint
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 is installed first so that pip takes the CPU wheel on disk instead
+# of resolving a multi-gigabyte CUDA build for the [torch] extra.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[torch,dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/python -m convert init-random --config configs/base.py --head itm --overwrite $(DEMO_DIR)/pytorch
+	$(BIN)/python -m convert to-jax --overwrite $(DEMO_DIR)/pytorch $(DEMO_DIR)/jax
+	$(BIN)/python -m convert verify $(DEMO_DIR)/pytorch --jax $(DEMO_DIR)/jax --text-length 40
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
