@@ -8,6 +8,9 @@ save it as real checkpoint files and load those with bt-jax.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -187,3 +190,16 @@ def assert_outputs_close(expected: dict, actual: dict, atol: float) -> None:
         if error > atol:
             failures.append(f"{name}: max abs diff {error:.2e} > {atol:.0e}")
     assert not failures, "outputs differ from PyTorch:\n" + "\n".join(failures)
+
+
+def run_convert(*args) -> subprocess.CompletedProcess:
+    """Run `python -m convert ARGS` from the repository root and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "convert", *map(str, args)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )

@@ -1,28 +1,17 @@
 """`python -m convert`: init-random, to-jax and the verify report, run as a user would."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from helpers import REPO
+from helpers import run_convert
 
 import bt_jax
 
 
 def run_cli(*args, check=True):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "convert", *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = run_convert(*args)
     if check:
         assert completed.returncode == 0, completed.stderr[-3000:]
     return completed

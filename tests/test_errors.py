@@ -6,8 +6,6 @@ advice the message gives, so a vague or misleading message fails here.
 
 import json
 import re
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -16,9 +14,9 @@ import safetensors.torch
 import torch
 from flax import nnx
 from helpers import (
-    REPO,
     assert_outputs_close,
     make_batch,
+    run_convert,
     run_jax,
     run_torch,
     tiny_config,
@@ -69,16 +67,6 @@ def write_config(directory, config) -> None:
 def partial_siblings(path) -> list[str]:
     """Return the staging directories that atomic_directory left next to `path`."""
     return sorted(p.name for p in path.parent.glob(f".{path.name}.*"))
-
-
-def run_convert(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "convert", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 # Checkpoint paths.

@@ -8,8 +8,6 @@ Round trips compare the tensors written back with the ones read, bit for bit.
 import copy
 import functools
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +16,9 @@ import torch
 import transformers
 from flax import nnx
 from helpers import (
-    REPO,
     assert_outputs_close,
     make_batch,
+    run_convert,
     run_jax,
     run_torch,
     tiny_config,
@@ -72,16 +70,6 @@ def flat_params(params) -> dict[str, object]:
 def raw_bytes(tensor: torch.Tensor) -> np.ndarray:
     """Return the bytes of `tensor`, so that equal bytes mean equal bits in any dtype."""
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def run_convert(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "convert", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 # Weight file layouts.
