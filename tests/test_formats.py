@@ -353,3 +353,22 @@ def test_save_pretrained_round_trip(tmp_path):
         if not np.array_equal(np.asarray(after[k]), np.asarray(before[k]))
     ]
     assert not differ, f"values changed: {differ}"
+
+
+def test_tied_decoder_round_trip(tmp_path):
+    config = tiny_config(tie_word_embeddings=True)
+    source = torch_model(config, "mlm")
+    source.save_pretrained(tmp_path / "hf")
+    model, params = bt_jax.from_pretrained(tmp_path / "hf")
+    bt_jax.save_torch_checkpoint(model, params, tmp_path / "out")
+    loaded, info = transformers.BridgeTowerForMaskedLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    batch = make_batch(config)
+
+    assert model.mlm_score.decoder is None
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert_outputs_close(
+        run_torch(source, "mlm", batch), run_torch(loaded, "mlm", batch), 0.0
+    )

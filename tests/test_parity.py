@@ -32,6 +32,7 @@ VARIANTS = {
     },
     "wide_vision": {"vision_config": {"hidden_size": 128}},
     "share_layernorm_false": {"vision_config": {"share_layernorm": False}},
+    "tied_word_embeddings": {"tie_word_embeddings": True},
 }
 
 

@@ -49,8 +49,10 @@ class PredictionHeadTransform(nnx.Module):
 class MLMHead(nnx.Module):
     """Dense, activation, LayerNorm, then a vocabulary decoder with a separate bias.
 
-    The decoder is never tied to the word embeddings: every released checkpoint has
-    `tie_word_embeddings=False` and stores `mlm_score.decoder.weight`.
+    Every released checkpoint has `tie_word_embeddings=False` and stores its own
+    `mlm_score.decoder.weight`. With `tie_word_embeddings=True` the head has no
+    decoder weight and projects onto the text word embeddings instead, as the
+    reference does.
     """
 
     def __init__(
@@ -60,22 +62,33 @@ class MLMHead(nnx.Module):
         self.transform = PredictionHeadTransform(
             config, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.decoder = layers.linear(
-            config.hidden_size,
-            vocab,
-            ("embed", "vocab"),
-            std=HF_INIT_STD * config.initializer_factor,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            use_bias=False,
-        )
+        if config.tie_word_embeddings:
+            self.decoder = None
+        else:
+            self.decoder = layers.linear(
+                config.hidden_size,
+                vocab,
+                ("embed", "vocab"),
+                std=HF_INIT_STD * config.initializer_factor,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+                use_bias=False,
+            )
         self.bias = nnx.Param(
             layers.zeros_init(("vocab",))(None, (vocab,), param_dtype)
         )
+        self.dtype = dtype
 
-    def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        logits = self.decoder(self.transform(hidden_states))
+    def __call__(
+        self, hidden_states: jax.Array, word_embeddings: nnx.Embed
+    ) -> jax.Array:
+        transformed = self.transform(hidden_states)
+        if self.decoder is None:
+            table = word_embeddings.embedding[...].astype(self.dtype)
+            logits = jnp.dot(transformed.astype(self.dtype), table.T)
+        else:
+            logits = self.decoder(transformed)
         return logits + self.bias[...].astype(logits.dtype)
 
 
@@ -159,7 +172,8 @@ class BridgeTowerForMaskedLM(_HeadModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             dropout_rng=dropout_rng,
         )
-        logits = self.mlm_score(trace.text_features)
+        word_embeddings = self.bridgetower.text_model.embeddings.word_embeddings
+        logits = self.mlm_score(trace.text_features, word_embeddings)
         loss = None if labels is None else losses.masked_lm_loss(logits, labels)
         return MaskedLMOutput(
             logits=logits,
