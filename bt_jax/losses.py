@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -20,20 +21,34 @@ def cross_entropy(
     """Mean softmax cross-entropy over the labels that are not `ignore_index`.
 
     `labels` may carry a trailing axis of size 1. When every label is ignored the
-    result is NaN, as in PyTorch.
+    result is NaN, as in PyTorch. A label outside `[0, classes)` raises ValueError
+    for concrete arrays; inside `jax.jit`, where values cannot be checked, it makes
+    the loss NaN rather than wrapping around.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    classes = logits.shape[-1]
+    logits = logits.reshape(-1, classes).astype(jnp.float32)
     labels = labels.reshape(-1)
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(
-            f"labels hold {labels.shape[0]} entries but logits hold {logits.shape[0]} rows; "
-            "pass one label per position."
+            f"labels contain {labels.shape[0]} entries but logits have {logits.shape[0]} "
+            "rows; pass one label per position."
         )
+    if not isinstance(labels, jax.core.Tracer):
+        # NumPy, because jnp operations would be traced when this runs under jit.
+        values = np.asarray(labels)
+        bad = values[(values != ignore_index) & ((values < 0) | (values >= classes))]
+        if bad.size:
+            raise ValueError(
+                f"label {int(bad[0])} is outside the {classes} classes [0, {classes}); "
+                f"use {ignore_index} for positions without a loss."
+            )
     valid = labels != ignore_index
-    safe_labels = jnp.where(valid, labels, 0)
+    in_range = (labels >= 0) & (labels < classes)
+    safe_labels = jnp.where(valid & in_range, labels, 0)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(log_probs, safe_labels[:, None], axis=-1)[:, 0]
-    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)
+    loss = -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.sum(valid)
+    return jnp.where(jnp.any(valid & ~in_range), jnp.nan, loss)
 
 
 def masked_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

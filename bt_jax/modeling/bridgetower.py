@@ -22,6 +22,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bt_jax import sharding
@@ -72,6 +73,11 @@ def check_text_inputs(
         )
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}.")
+    if 0 in input_ids.shape:
+        raise ValueError(
+            f"input_ids have shape {tuple(input_ids.shape)}; pass at least one text of "
+            "at least one token."
+        )
     length = input_ids.shape[1]
     if length > text.max_text_length:
         raise ValueError(
@@ -88,7 +94,9 @@ def check_text_inputs(
             f"{tuple(input_ids.shape)}; they must match."
         )
     if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
-        low, high = int(input_ids.min()), int(input_ids.max())
+        # NumPy, because jnp reductions would be traced when this runs under jit.
+        ids = np.asarray(input_ids)
+        low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= text.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(

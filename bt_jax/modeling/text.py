@@ -57,8 +57,12 @@ class TextEmbeddings(nnx.Module):
         not_pad = (input_ids != self.pad_token_id).astype(jnp.int32)
         position_ids = jnp.cumsum(not_pad, axis=1) * not_pad + self.pad_token_id
         # The reference never passes token type ids here, so every token uses row 0.
+        words = self.word_embeddings(input_ids)
+        # Out-of-range ids cannot raise inside jax.jit. A too-large id already gives
+        # NaN, and a negative id would wrap to the end of the table, so it gets NaN too.
+        words = jnp.where((input_ids >= 0)[..., None], words, jnp.nan)
         embeddings = (
-            self.word_embeddings(input_ids)
+            words
             + self.token_type_embeddings.embedding[0]
             + self.position_embeddings(position_ids)
         )

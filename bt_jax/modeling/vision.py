@@ -52,7 +52,7 @@ class VisionEmbeddings(nnx.Module):
     def __call__(
         self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
     ) -> jax.Array:
-        check_pixel_values(pixel_values, self.image_size, self.num_channels)
+        check_pixel_values(pixel_values, self.patch_size, self.num_channels)
         batch, height, width, _ = pixel_values.shape
         if not interpolate_pos_encoding and (height, width) != (self.image_size,) * 2:
             raise ValueError(
@@ -102,7 +102,7 @@ class VisionEmbeddings(nnx.Module):
 
 
 def check_pixel_values(
-    pixel_values: jax.Array, image_size: int, num_channels: int
+    pixel_values: jax.Array, patch_size: int, num_channels: int
 ) -> None:
     """Raise ValueError unless `pixel_values` is a `(batch, height, width, channels)` array."""
     shape = tuple(pixel_values.shape)
@@ -125,8 +125,17 @@ def check_pixel_values(
         )
     if not jnp.issubdtype(pixel_values.dtype, jnp.floating):
         raise ValueError(
-            f"pixel_values have dtype {pixel_values.dtype}; pass normalised floats "
-            "(the output of bt_jax.processing), not raw uint8 pixels."
+            f"pixel_values have dtype {pixel_values.dtype}; the model expects normalised "
+            "floats: pixels rescaled to [0, 1], then normalised with the CLIP mean and "
+            "std, as BridgeTowerImageProcessor outputs them."
+        )
+    if 0 in shape:
+        raise ValueError(f"pixel_values have shape {shape}; no dimension may be 0.")
+    if min(shape[1], shape[2]) < patch_size:
+        raise ValueError(
+            f"pixel_values are {shape[1]}x{shape[2]} pixels, smaller than one "
+            f"{patch_size}x{patch_size} patch; use images of at least {patch_size} pixels "
+            "per side."
         )
 
 
