@@ -60,6 +60,34 @@ def _as_square_size(value: Any, name: str) -> int:
     return value
 
 
+_TYPE_CHECKS = {
+    "int": lambda value: isinstance(value, int) and not isinstance(value, bool),
+    "float": lambda value: (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+    ),
+    "bool": lambda value: isinstance(value, bool),
+    "str": lambda value: isinstance(value, str),
+}
+
+
+def _check_field_types(config: Any, where: str) -> None:
+    """Raise ValueError for a field whose JSON value has the wrong type.
+
+    Without this, a string such as "false" would pass for a true flag.
+    """
+    for field in dataclasses.fields(config):
+        expected = str(field.type)
+        value = getattr(config, field.name)
+        if value is None and expected.endswith("| None"):
+            continue
+        check = _TYPE_CHECKS.get(expected.removesuffix(" | None"))
+        if check is not None and not check(value):
+            raise ValueError(
+                f"{where}.{field.name}={value!r} is a {type(value).__name__}, but it must "
+                f"be a JSON {expected.removesuffix(' | None')}."
+            )
+
+
 def _check_positive(where: str, **sizes: Any) -> None:
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,9 +144,11 @@ class VisionConfig:
         object.__setattr__(
             self, "image_size", _as_square_size(self.image_size, "image_size")
         )
+        _check_field_types(self, "vision_config")
         _check_positive(
             "vision_config",
             hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
             num_channels=self.num_channels,
         )
         # CLIP fixes the head width at 64, so the head count follows from the width.
@@ -202,11 +232,19 @@ class TextConfig:
     type_vocab_size: int = 1
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
-    bos_token_id: int = 0
-    eos_token_id: int = 2
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
     extra: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        if isinstance(self.pad_token_id, bool) or not isinstance(
+            self.pad_token_id, int
+        ):
+            raise ValueError(
+                f"text_config.pad_token_id={self.pad_token_id!r} must be an integer: "
+                "RoBERTa position ids are counted from it (1 in released checkpoints)."
+            )
+        _check_field_types(self, "text_config")
         _check_positive(
             "text_config",
             vocab_size=self.vocab_size,
@@ -225,13 +263,6 @@ class TextConfig:
             raise ValueError(
                 f"text_config.hidden_act={self.hidden_act!r} is not supported; use one of "
                 f"{', '.join(ACTIVATIONS)}."
-            )
-        if isinstance(self.pad_token_id, bool) or not isinstance(
-            self.pad_token_id, int
-        ):
-            raise ValueError(
-                f"text_config.pad_token_id={self.pad_token_id!r} must be an integer: "
-                "RoBERTa position ids are counted from it (1 in released checkpoints)."
             )
         if self.max_position_embeddings <= self.pad_token_id + 1:
             raise ValueError(
@@ -306,6 +337,7 @@ class BridgeTowerConfig:
     def __post_init__(self):
         if self.architectures is not None:
             object.__setattr__(self, "architectures", tuple(self.architectures))
+        _check_field_types(self, "config")
         text, vision = self.text_config, self.vision_config
         if self.link_tower_type not in LINK_TOWER_TYPES:
             raise ValueError(
