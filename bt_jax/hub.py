@@ -43,6 +43,7 @@ CONFIG_FILE = "config.json"
 METADATA_FILE = "bt_jax.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+TIED_DECODER = "mlm_score.decoder.weight"
 
 
 def load_config(path: str | os.PathLike) -> BridgeTowerConfig:
@@ -187,6 +188,11 @@ def iter_checkpoint_params(
     with open_checkpoint(path) as source:
         aliases = _ln_separate_aliases(model.config, mappings, source.shapes)
         shapes = {**source.shapes, **{k: source.shapes[v] for k, v in aliases.items()}}
+        if model.config.tie_word_embeddings:
+            # A tied decoder is the word-embedding table; some writers store it twice.
+            for key in [k for k in shapes if canonical_key(k) == TIED_DECODER]:
+                logger.debug("Dropping %s: it is tied to the word embeddings", key)
+                del shapes[key]
         plan = plan_load(
             mappings,
             shapes,
@@ -271,9 +277,18 @@ def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings
         target[key] = jax.ShapeDtypeStruct(
             tuple(meta.shape), meta.dtype, sharding=place or default
         )
-    restored = dict(
-        _flatten_tree(checkpointer.restore(params_dir, _unflatten_tree(target)))
-    )
+    try:
+        restored = dict(
+            _flatten_tree(checkpointer.restore(params_dir, _unflatten_tree(target)))
+        )
+    except Exception as err:  # TensorStore and Orbax raise plain Exceptions on bad data
+        # TensorStore appends a spec of a hundred lines; its first line is the reason.
+        reason = str(err).splitlines()[0].split(" See full TensorStore details")[0]
+        reason = reason.rstrip(".")
+        raise ValueError(
+            f"cannot read the parameter data in {params_dir}: {reason}. The checkpoint "
+            f"files are damaged or incomplete. {recreate}"
+        ) from None
     for mapping in mappings:
         key = plan.sources.get(_flax_key(mapping.path))
         yield mapping, (None if key is None else restored[key])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 HEADS = ("model", "mlm", "itm", "itc")
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convert",
         description="Convert BridgeTower checkpoints between PyTorch and bt-jax, and check parity.",
+        epilog="Exit status: 0 on success, 1 when verify finds a difference above "
+        "--atol, 2 on an error (the message starts with 'error:').",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log debug details"
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--atol",
         type=float,
         default=1e-4,
-        help="max absolute difference allowed (default 1e-4)",
+        help="max absolute difference allowed (default 1e-4; bfloat16 runs need more, "
+        "e.g. --dtype bfloat16 --only probabilities --atol 1e-2)",
     )
     verify.add_argument(
         "--json", action="store_true", help="print the report as one JSON object"
@@ -176,8 +180,24 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("convert").debug("failure details", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # anything else is a bug or an unforeseen library failure
+        logging.getLogger("convert").debug("failure details", exc_info=True)
+        print(
+            f"error: unexpected {type(err).__name__}: {err}. Run again with --verbose for "
+            "the traceback.",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 2:
+        # After a failed Orbax read, its background threads print "Event loop is
+        # closed" tracebacks during interpreter shutdown. Nothing is left to write
+        # (outputs are staged and removed on failure), so skip that shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -64,6 +64,8 @@ def verify(args: argparse.Namespace) -> dict:
     """Run the parity check and return its report."""
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}.")
+    if not args.atol >= 0:
+        raise ValueError(f"--atol must be a non-negative number, got {args.atol}.")
     return verify_module.verify(
         args.src,
         jax_dir=args.jax_dir,
@@ -90,6 +92,14 @@ def init_random(args: argparse.Namespace) -> None:
         ) from None
     _check_output(args.out, args.overwrite)
     config = load_preset(args.config).with_head(args.head)
+    if args.head == "itc" and (
+        config.contrastive_hidden_size is None or config.logit_scale_init_value is None
+    ):
+        raise ValueError(
+            f"--head itc needs contrastive_hidden_size and logit_scale_init_value, which "
+            f"{args.config} does not set; use configs/large.py or add both to the preset."
+        )
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     torch_class = getattr(transformers, HEAD_ARCHITECTURES[args.head])
     logger.info("Building a random %s from %s", torch_class.__name__, args.config)

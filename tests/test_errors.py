@@ -7,7 +7,9 @@ advice the message gives, so a vague or misleading message fails here.
 import json
 import re
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors.torch
@@ -28,6 +30,12 @@ from bt_jax.config import BridgeTowerConfig
 from bt_jax.weights.io import CheckpointFileError
 from bt_jax.weights.mapping import CheckpointMismatchError
 from convert.__main__ import main as convert_main
+
+# After a failed read of a damaged checkpoint, Orbax leaves coroutines unawaited;
+# pytest reports them, with a long TensorStore spec, in whichever test runs next.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
 
 CONFIG = tiny_config()
 MAX_TEXT_LENGTH = (
@@ -453,7 +461,172 @@ def test_token_id_out_of_vocab_raises(model, batch, token_id):
     assert "use the tokenizer that matches this checkpoint" in message
 
 
+@pytest.mark.parametrize("token_id", [CONFIG["text_config"]["vocab_size"], -1])
+def test_token_id_out_of_vocab_under_jit_is_nan(model, batch, token_id):
+    graphdef, state = nnx.split(model)
+    input_ids = batch["input_ids"].at[0, 1].set(token_id)
+
+    @jax.jit
+    def forward(state, input_ids, attention_mask, pixel_values):
+        output = nnx.merge(graphdef, state)(input_ids, attention_mask, pixel_values)
+        return output.pooler_output
+
+    pooled = forward(state, input_ids, batch["attention_mask"], batch["pixel_values"])
+
+    assert np.isnan(np.asarray(pooled[0])).all()
+    assert np.isfinite(np.asarray(pooled[1])).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((0, 9), "pass at least one text of at least one token"),
+        ((2, 0), "pass at least one text of at least one token"),
+    ],
+)
+def test_empty_text_raises(model, batch, shape, message):
+    input_ids = jnp.zeros(shape, jnp.int32)
+
+    with pytest.raises(ValueError, match=message):
+        model(input_ids, None, batch["pixel_values"])
+
+
+def test_image_smaller_than_patch_raises(model, batch):
+    pixels = jnp.zeros((2, 8, 8, 3), jnp.float32)
+
+    with pytest.raises(ValueError) as raised:
+        model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            pixels,
+            interpolate_pos_encoding=True,
+        )
+
+    message = str(raised.value)
+    assert "8x8 pixels, smaller than one 16x16 patch" in message
+    assert "at least 16 pixels per side" in message
+
+
+@pytest.mark.parametrize("label", [2, -1])
+def test_itm_label_out_of_range_raises(tmp_path, batch, label):
+    save_reference(tmp_path, head="itm")
+    itm, _ = bt_jax.from_pretrained(tmp_path)
+    labels = jnp.array([label, 0])
+
+    with pytest.raises(ValueError) as raised:
+        itm(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            labels=labels,
+        )
+
+    message = str(raised.value)
+    assert f"label {label} is outside the 2 classes [0, 2)" in message
+    assert "use -100" in message
+
+
+def test_mlm_label_out_of_range_under_jit_is_nan(tmp_path, batch):
+    save_reference(tmp_path, head="mlm")
+    mlm, _ = bt_jax.from_pretrained(tmp_path)
+    graphdef, state = nnx.split(mlm)
+    labels = jnp.where(batch["attention_mask"] == 1, batch["input_ids"], -100)
+
+    @jax.jit
+    def loss(state, labels):
+        output = nnx.merge(graphdef, state)(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            labels=labels,
+        )
+        return output.loss
+
+    assert np.isfinite(float(loss(state, labels)))
+    assert np.isnan(
+        float(loss(state, labels.at[0, 1].set(CONFIG["text_config"]["vocab_size"])))
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"share_link_tower_layers": "false"},
+            "config.share_link_tower_layers='false' is a str",
+        ),
+        ({"num_hidden_layers": "2"}, "config.num_hidden_layers='2' is a str"),
+        (
+            {"text_config": {"layer_norm_eps": "1e-5"}},
+            "text_config.layer_norm_eps='1e-5'",
+        ),
+        (
+            {"vision_config": {"hidden_size": 64.0}},
+            "vision_config.hidden_size=64.0 is a float",
+        ),
+    ],
+)
+def test_config_value_of_wrong_type_raises(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BridgeTowerConfig.from_dict(tiny_config(**overrides))
+
+
+def test_damaged_parameter_data_raises(tmp_path, model):
+    bt_jax.save_pretrained(model, nnx.state(model, nnx.Param), tmp_path / "jax")
+    data = tmp_path / "jax" / "params" / "ocdbt.process_0" / "d"
+    largest = max(data.iterdir(), key=lambda path: path.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(1000)
+
+    with pytest.raises(ValueError) as raised:
+        bt_jax.from_pretrained(tmp_path / "jax")
+
+    message = str(raised.value)
+    assert "cannot read the parameter data" in message
+    assert "damaged or incomplete" in message
+    assert "TensorStore({" not in message
+
+
 # Command line and atomic output directories.
+
+
+def test_convert_damaged_parameter_data_fails(tmp_path, model):
+    bt_jax.save_pretrained(model, nnx.state(model, nnx.Param), tmp_path / "jax")
+    data = tmp_path / "jax" / "params" / "ocdbt.process_0" / "d"
+    largest = max(data.iterdir(), key=lambda path: path.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(1000)
+
+    result = run_convert("to-torch", tmp_path / "jax", tmp_path / "out")
+
+    assert result.returncode == 2
+    assert "error: cannot read the parameter data" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("init-random", "--config", "configs/base.py", "--head", "itc"),
+            "--head itc needs",
+        ),
+        (("verify", "SRC", "--image-size", "8"), "--image-size 8 is smaller than one"),
+        (("verify", "SRC", "--atol", "-1"), "--atol must be a non-negative number"),
+    ],
+)
+def test_convert_invalid_arguments_fail(tmp_path, args, message):
+    save_reference(tmp_path / "hf")
+    args = [str(tmp_path / "hf") if a == "SRC" else a for a in args]
+    if args[0] == "init-random":
+        args.append(str(tmp_path / "out"))
+
+    result = run_convert(*args)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_convert_truncated_checkpoint_fails(tmp_path):
