@@ -254,8 +254,8 @@ def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings
             f"{params_dir} has no Orbax checkpoint metadata; the checkpoint is incomplete "
             f"or damaged. {recreate}"
         )
-    metadata = item_metadata.tree
-    stored = dict(_flatten_tree(metadata))
+    stored = dict(_flatten_tree(item_metadata.tree))
+
     # The bt-jax layout is the Flax one, so a mapping onto itself reuses the
     # PyTorch loading rules (prefix handling, foreign heads, strict accounting).
     flax_mappings = [
@@ -268,6 +268,8 @@ def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings
         source=str(params_dir),
         init_missing_heads=init_missing_heads,
     )
+
+    # Restore every stored array straight onto its target sharding.
     by_key = {_flax_key(m.path): m for m in mappings}
     path_of = {plan.sources[k]: by_key[k].path for k in plan.sources}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -289,6 +291,7 @@ def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings
             f"cannot read the parameter data in {params_dir}: {reason}. The checkpoint "
             f"files are damaged or incomplete. {recreate}"
         ) from None
+
     for mapping in mappings:
         key = plan.sources.get(_flax_key(mapping.path))
         yield mapping, (None if key is None else restored[key])
@@ -315,7 +318,7 @@ def _unflatten_tree(flat: dict[str, object]) -> dict:
 
 def _init_params(config, head, param_dtype, seed, missing, target_sharding):
     """Initialise only the `missing` parameters, by the model's own initialisers."""
-    wanted = {m.path for m in missing}
+    requested = {m.path for m in missing}
 
     @jax.jit
     def init():
@@ -324,7 +327,7 @@ def _init_params(config, head, param_dtype, seed, missing, target_sharding):
         )
         flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
         # Only the requested leaves are returned, so XLA drops the rest of the init.
-        return {_flax_key(p): v.get_value() for p, v in flat if tuple(p) in wanted}
+        return {_flax_key(p): v.get_value() for p, v in flat if tuple(p) in requested}
 
     arrays = init()
     return {

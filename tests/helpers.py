@@ -73,8 +73,8 @@ def make_batch(
 ) -> dict[str, np.ndarray]:
     """Build texts of different lengths and random pixels in JAX layout.
 
-    Row 0 uses the whole length and contains a pad token id in the middle; later
-    rows are shorter and padded; with `empty_row` the last row's attention mask
+    Row 0 uses the whole length and contains a pad token id in the middle. Later
+    rows are shorter and padded. With `empty_row`, the last row's attention mask
     is all zeros.
     """
     text = config["text_config"]

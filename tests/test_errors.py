@@ -462,7 +462,7 @@ def test_token_id_out_of_vocab_raises(model, batch, token_id):
 
 
 @pytest.mark.parametrize("token_id", [CONFIG["text_config"]["vocab_size"], -1])
-def test_token_id_out_of_vocab_under_jit_is_nan(model, batch, token_id):
+def test_jit_out_of_vocab_id_is_nan(model, batch, token_id):
     graphdef, state = nnx.split(model)
     input_ids = batch["input_ids"].at[0, 1].set(token_id)
 
@@ -526,7 +526,7 @@ def test_itm_label_out_of_range_raises(tmp_path, batch, label):
     assert "use -100" in message
 
 
-def test_mlm_label_out_of_range_under_jit_is_nan(tmp_path, batch):
+def test_jit_bad_mlm_label_is_nan(tmp_path, batch):
     save_reference(tmp_path, head="mlm")
     mlm, _ = bt_jax.from_pretrained(tmp_path)
     graphdef, state = nnx.split(mlm)
