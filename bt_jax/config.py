@@ -427,6 +427,7 @@ class BridgeTowerConfig:
                 "BridgeTower checkpoint. Point to a directory whose config.json has "
                 f'"model_type": "{MODEL_TYPE}".'
             )
+
         # Early hub configs stored the sub-configs under *_config_dict; transformers
         # drops those keys when the current names are present.
         for name in ("text_config", "vision_config"):
@@ -434,27 +435,23 @@ class BridgeTowerConfig:
             if data.get(name) is None and legacy is not None:
                 data[name] = legacy
         _apply_legacy_keys(data, _LEGACY_TOP_LEVEL_KEYS, "config")
+
+        # Sub-configs may arrive as dicts or as already-built config objects.
+        text = data.pop("text_config", None) or {}
+        if isinstance(text, TextConfig):
+            text = text.to_dict()
+        vision = data.pop("vision_config", None) or {}
+        vision = vision.to_dict() if isinstance(vision, VisionConfig) else dict(vision)
         # Pre-release configs also kept vision flags at the top level.
-        vision = dict(data.pop("vision_config", None) or {})
         for old in _LEGACY_VISION_KEYS:
             if old in data:
                 vision[old] = data.pop(old)
-        text = data.pop("text_config", None) or {}
+
         known, extra = _split_known(cls, data)
         return cls(
-            text_config=text
-            if isinstance(text, TextConfig)
-            else TextConfig.from_dict(text),
-            vision_config=(
-                vision
-                if isinstance(vision, VisionConfig)
-                else VisionConfig.from_dict(vision)
-            ),
-            **{
-                k: v
-                for k, v in known.items()
-                if k not in ("text_config", "vision_config")
-            },
+            text_config=TextConfig.from_dict(text),
+            vision_config=VisionConfig.from_dict(vision),
+            **known,
             extra=extra,
         )
 

@@ -61,6 +61,7 @@ def make_inputs(
         )
     if text_length < 3:
         raise ValueError("--text-length must be at least 3 (<s>, one token, </s>).")
+
     rng = np.random.default_rng(seed)
     special = {text.pad_token_id, text.bos_token_id, text.eos_token_id}
     ordinary = np.array([i for i in range(text.vocab_size) if i not in special])
@@ -73,6 +74,7 @@ def make_inputs(
         input_ids[row, 1 : length - 1] = rng.choice(ordinary, length - 2)
         input_ids[row, length - 1] = text.eos_token_id
         attention_mask[row, :length] = 1
+
     size = image_size or config.vision_config.image_size
     if size < config.vision_config.patch_size:
         raise ValueError(

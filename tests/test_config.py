@@ -154,3 +154,12 @@ def test_large_preset_has_checkpoint_values():
 def test_load_preset_missing_file():
     with pytest.raises(FileNotFoundError, match="preset file not found"):
         load_preset(REPO / "configs" / "huge.py")
+
+
+def test_config_accepts_built_sub_configs():
+    config = BridgeTowerConfig.from_dict(tiny_config())
+    data = config.to_dict()
+    data["text_config"] = config.text_config
+    data["vision_config"] = config.vision_config
+
+    assert BridgeTowerConfig.from_dict(data) == config
