@@ -505,10 +505,18 @@ class BridgeTowerConfig:
             f.write("\n")
 
     def with_head(self, head: str) -> BridgeTowerConfig:
-        """Return a copy whose `architectures` names the class for `head`."""
+        """Return a copy whose `architectures` names the class for `head`.
+
+        A multi-head name such as "mlm+itm+itc" has no transformers class; it gets
+        the class of its last head (ITC, else ITM), as the hub's
+        bridgetower-large-itm-mlm-itc checkpoint, which stores all three, does.
+        """
+        if "+" in head:
+            head = head.rsplit("+", 1)[1]
         if head not in HEAD_ARCHITECTURES:
             raise ValueError(
-                f"head={head!r} is unknown; use one of {', '.join(HEAD_ARCHITECTURES)}."
+                f"head={head!r} is unknown; use one of {', '.join(HEAD_ARCHITECTURES)} "
+                "or a combination such as 'mlm+itm+itc'."
             )
         return self.replace(architectures=(HEAD_ARCHITECTURES[head],))
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -25,9 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bt_jax import sharding
-from bt_jax.config import HEAD_ARCHITECTURES, BridgeTowerConfig
+from bt_jax.config import BridgeTowerConfig
 from bt_jax.fileio import atomic_directory
-from bt_jax.modeling import MODEL_CLASSES, create_model
+from bt_jax.modeling import PRETRAINING_HEADS, create_model, head_name
+from bt_jax.processing import PROCESSOR_FILES
 from bt_jax.weights.io import open_checkpoint, write_safetensors
 from bt_jax.weights.mapping import (
     CheckpointMismatchError,
@@ -44,6 +46,8 @@ METADATA_FILE = "bt_jax.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 TIED_DECODER = "mlm_score.decoder.weight"
+# Files a checkpoint directory writes itself; an extra file may not replace them.
+RESERVED_FILES = (CONFIG_FILE, METADATA_FILE, PARAMS_DIR, "model.safetensors")
 
 
 def load_config(path: str | os.PathLike) -> BridgeTowerConfig:
@@ -77,11 +81,36 @@ def abstract_model(
 
 
 def head_of(model: nnx.Module) -> str:
-    """Return the head name ("model", "mlm", "itm" or "itc") of a model instance."""
-    for head, cls in MODEL_CLASSES.items():
-        if type(model) is cls:
-            return head
-    raise TypeError(f"{type(model).__name__} is not a bt-jax BridgeTower model class.")
+    """Return the head name ("model", "mlm", "itm", "itc" or e.g. "mlm+itm") of a model."""
+    return head_name(model)
+
+
+def stored_heads(path: str | os.PathLike) -> tuple[str, ...]:
+    """Return the heads (of mlm, itm, itc) whose weights a checkpoint directory stores.
+
+    Only tensor names are read, not data.
+    """
+    if is_bt_jax_directory(path):
+        keys = _orbax_keys(Path(path))
+    else:
+        with open_checkpoint(path) as source:
+            keys = list(source.shapes)
+    prefixes = {"mlm": "mlm_score.", "itm": "itm_score.", "itc": "itc_text_head."}
+    return tuple(
+        head
+        for head in PRETRAINING_HEADS
+        if any(key.startswith(prefixes[head]) for key in keys)
+    )
+
+
+def checkpoint_head(path: str | os.PathLike) -> str:
+    """Return the head that keeps every head weight a checkpoint stores.
+
+    That is the single head, "mlm+itm+itc"-style for several, or "model" for a
+    bare backbone.
+    """
+    heads = stored_heads(path)
+    return "+".join(heads) if heads else "model"
 
 
 def from_pretrained(
@@ -99,8 +128,9 @@ def from_pretrained(
 
     Args:
       path: a Hugging Face BridgeTower directory or a bt-jax directory.
-      head: "model", "mlm", "itm" or "itc"; None follows `architectures` in
-        config.json.
+      head: "model", "mlm", "itm", "itc", or several of mlm, itm and itc joined
+        by "+" (`BridgeTowerForPreTraining`). None follows `bt_jax.json` in a
+        bt-jax directory, else `architectures` in config.json.
       dtype: compute dtype of matmuls and convolutions (LayerNorm and softmax
         always run in float32).
       param_dtype: dtype to store parameters in; None keeps the checkpoint's.
@@ -121,7 +151,7 @@ def from_pretrained(
         not match it (`CheckpointMismatchError`, `CheckpointFileError`).
     """
     config = load_config(path)
-    head = head or config.default_head
+    head = head or _saved_head(path) or config.default_head
     model = abstract_model(
         config, head, dtype=dtype, param_dtype=param_dtype or jnp.float32
     )
@@ -163,6 +193,18 @@ def from_pretrained(
     ]
     nnx.update(model, nnx.from_flat_state(flat))
     return model, nnx.state(model, nnx.Param)
+
+
+def _saved_head(path: str | os.PathLike) -> str | None:
+    metadata = Path(path) / METADATA_FILE
+    if not metadata.is_file():
+        return None
+    try:
+        head = json.loads(metadata.read_text(encoding="utf-8")).get("head")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        logger.warning("Ignoring unreadable %s", metadata)
+        return None
+    return head if isinstance(head, str) else None
 
 
 def iter_checkpoint_params(
@@ -239,22 +281,35 @@ def _flax_key(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings):
+RECREATE = "Re-create it with bt_jax.save_pretrained or `python -m convert to-jax`."
+
+
+def _orbax_metadata(directory: Path) -> dict:
+    """Return {flat key: array metadata} of a bt-jax directory's parameters."""
     params_dir = (directory / PARAMS_DIR).absolute()
-    checkpointer = ocp.StandardCheckpointer()
-    recreate = "Re-create it with bt_jax.save_pretrained or `python -m convert to-jax`."
     try:
-        item_metadata = checkpointer.metadata(params_dir).item_metadata
+        item_metadata = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
     except Exception as err:  # Orbax raises several error types for damaged checkpoints
         raise ValueError(
-            f"cannot read the Orbax checkpoint in {params_dir}: {err}. {recreate}"
+            f"cannot read the Orbax checkpoint in {params_dir}: {err}. {RECREATE}"
         ) from None
     if item_metadata is None:
         raise ValueError(
             f"{params_dir} has no Orbax checkpoint metadata; the checkpoint is incomplete "
-            f"or damaged. {recreate}"
+            f"or damaged. {RECREATE}"
         )
-    stored = dict(_flatten_tree(item_metadata.tree))
+    return dict(_flatten_tree(item_metadata.tree))
+
+
+def _orbax_keys(directory: Path) -> list[str]:
+    return list(_orbax_metadata(directory))
+
+
+def _iter_orbax_params(directory, mappings, init_missing_heads, target_shardings):
+    params_dir = (directory / PARAMS_DIR).absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    recreate = RECREATE
+    stored = _orbax_metadata(directory)
 
     # The bt-jax layout is the Flax one, so a mapping onto itself reuses the
     # PyTorch loading rules (prefix handling, foreign heads, strict accounting).
@@ -356,11 +411,13 @@ def save_pretrained(
     path: str | os.PathLike,
     *,
     overwrite: bool = False,
+    extra_files: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write `config.json`, `bt_jax.json` and an Orbax checkpoint of `params` to `path`.
 
-    The directory appears only once everything is written; a failure leaves no
-    partial directory behind.
+    `extra_files` (such as the tokenizer and `preprocessor_config.json`) are
+    copied in beside them. The directory appears only once everything is
+    written; a failure leaves no partial directory behind.
     """
     config, head = _model_and_config(model_or_config)
     model = abstract_model(config, head)
@@ -376,6 +433,7 @@ def save_pretrained(
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save((staging / PARAMS_DIR).absolute(), tree)
         checkpointer.wait_until_finished()
+        _copy_files(extra_files, staging)
     logger.info("Saved %s (%s head, %d tensors)", path, head, len(flat))
     return Path(path)
 
@@ -405,6 +463,24 @@ def _check_params_match(
         )
 
 
+def _copy_files(files: Iterable[str | os.PathLike], directory: Path) -> None:
+    for file in files:
+        source = Path(file)
+        if source.name in RESERVED_FILES:
+            raise ValueError(
+                f"extra file {source} would overwrite the checkpoint's own "
+                f"{source.name}; rename it or leave it out."
+            )
+        shutil.copyfile(source, directory / source.name)
+
+
+def processor_files(path: str | os.PathLike) -> list[Path]:
+    """List the processor and tokenizer files present in a checkpoint directory."""
+    return [
+        Path(path) / name for name in PROCESSOR_FILES if (Path(path) / name).is_file()
+    ]
+
+
 def torch_state_dict(model_or_config, params: nnx.State) -> dict[str, np.ndarray]:
     """Convert `params` to a PyTorch-layout state dict of NumPy arrays (dtypes kept)."""
     config, head = _model_and_config(model_or_config)
@@ -422,15 +498,25 @@ def save_torch_checkpoint(
     path: str | os.PathLike,
     *,
     overwrite: bool = False,
+    extra_files: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write a Hugging Face directory (`config.json`, `model.safetensors`) that
-    transformers' `from_pretrained` loads with no missing or unexpected keys."""
+    transformers' `from_pretrained` loads with no missing or unexpected keys.
+
+    A multi-head model's extra heads are stored too; transformers then reports
+    them as unused by the class `config.json` names. `extra_files` are copied
+    in beside the weights."""
     config, head = _model_and_config(model_or_config)
     tensors = torch_state_dict(model_or_config, params)
     with atomic_directory(path, overwrite=overwrite) as staging:
         config.with_head(head).to_json_file(staging / CONFIG_FILE)
         write_safetensors(tensors, staging / "model.safetensors")
+        _copy_files(extra_files, staging)
     logger.info(
-        "Wrote %s (%s, %d tensors)", path, HEAD_ARCHITECTURES[head], len(tensors)
+        "Wrote %s (%s head as %s, %d tensors)",
+        path,
+        head,
+        config.with_head(head).architectures[0],
+        len(tensors),
     )
     return Path(path)

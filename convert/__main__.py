@@ -17,6 +17,22 @@ import os
 import sys
 
 HEADS = ("model", "mlm", "itm", "itc")
+MULTI_HEADS = ("mlm", "itm", "itc")
+
+
+def head_spec(value: str) -> str:
+    """Accept a head name or several of mlm, itm and itc joined by "+"."""
+    if value in HEADS:
+        return value
+    names = value.split("+")
+    if len(names) < 2 or any(name not in MULTI_HEADS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"invalid head {value!r}: use one of {', '.join(HEADS)}, or several of "
+            "mlm, itm and itc joined by '+', e.g. mlm+itm+itc"
+        )
+    return value
+
+
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 
 
@@ -42,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         "out", help="output directory (must not exist unless --overwrite)"
     )
     to_jax.add_argument(
-        "--head", choices=HEADS, help="head to load (default: config.json's)"
+        "--head",
+        type=head_spec,
+        help="head(s) to keep: model, mlm, itm, itc, or e.g. mlm+itm+itc "
+        "(default: every head the checkpoint stores, else config.json's)",
     )
     to_jax.add_argument(
         "--dtype",
@@ -132,7 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", required=True, help="preset file, e.g. configs/base.py"
     )
     init.add_argument(
-        "--head", choices=HEADS, default="itm", help="head class (default itm)"
+        "--head",
+        type=head_spec,
+        default="itm",
+        help="head class, or several heads such as mlm+itm+itc stored in one "
+        "checkpoint as the hub's bridgetower-large-itm-mlm-itc does (default itm)",
+    )
+    init.add_argument(
+        "--processor",
+        action="store_true",
+        help="also write preprocessor_config.json and a byte-level BPE tokenizer "
+        "trained on the bundled sample captions (needs vocab_size >= 300)",
     )
     init.add_argument(
         "--seed", type=int, default=0, help="torch seed of the initialisation"

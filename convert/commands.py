@@ -10,8 +10,10 @@ import time
 import jax.numpy as jnp
 
 import bt_jax
+from bt_jax import hub
 from bt_jax.config import HEAD_ARCHITECTURES, load_preset
 from bt_jax.fileio import atomic_directory
+from bt_jax.weights.io import write_safetensors
 from convert import verify as verify_module
 
 logger = logging.getLogger("convert")
@@ -38,14 +40,25 @@ def to_jax(args: argparse.Namespace) -> None:
     _check_output(args.out, args.overwrite)
     started = time.perf_counter()
     logger.info("Reading %s", args.src)
+    head = args.head
+    if head is None and hub.stored_heads(args.src):
+        head = hub.checkpoint_head(args.src)
     model, params = bt_jax.from_pretrained(
         args.src,
-        head=args.head,
+        head=head,
         param_dtype=_DTYPES[args.dtype],
         init_missing_heads=args.init_missing_heads,
     )
-    logger.info("Writing %s", args.out)
-    bt_jax.save_pretrained(model, params, args.out, overwrite=args.overwrite)
+    extra = hub.processor_files(args.src)
+    logger.info(
+        "Writing %s (%s head, %d processor files)",
+        args.out,
+        hub.head_of(model),
+        len(extra),
+    )
+    bt_jax.save_pretrained(
+        model, params, args.out, overwrite=args.overwrite, extra_files=extra
+    )
     logger.info("Done in %.1f s", time.perf_counter() - started)
 
 
@@ -56,7 +69,13 @@ def to_torch(args: argparse.Namespace) -> None:
     logger.info("Reading %s", args.src)
     model, params = bt_jax.from_pretrained(args.src, param_dtype=None)
     logger.info("Writing %s", args.out)
-    bt_jax.save_torch_checkpoint(model, params, args.out, overwrite=args.overwrite)
+    bt_jax.save_torch_checkpoint(
+        model,
+        params,
+        args.out,
+        overwrite=args.overwrite,
+        extra_files=hub.processor_files(args.src),
+    )
     logger.info("Done in %.1f s", time.perf_counter() - started)
 
 
@@ -92,20 +111,62 @@ def init_random(args: argparse.Namespace) -> None:
         ) from None
     _check_output(args.out, args.overwrite)
     config = load_preset(args.config).with_head(args.head)
-    if args.head == "itc" and (
+    heads = args.head.split("+")
+    if "itc" in heads and (
         config.contrastive_hidden_size is None or config.logit_scale_init_value is None
     ):
         raise ValueError(
             f"--head itc needs contrastive_hidden_size and logit_scale_init_value, which "
             f"{args.config} does not set; use configs/large.py or add both to the preset."
         )
+    if args.processor and config.text_config.vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(
+            f"--processor trains a byte-level tokenizer, which needs vocab_size >= "
+            f"{MIN_BPE_VOCAB}, but {args.config} has "
+            f"{config.text_config.vocab_size}; use configs/sample.py."
+        )
     transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(args.seed)
-    torch_class = getattr(transformers, HEAD_ARCHITECTURES[args.head])
-    logger.info("Building a random %s from %s", torch_class.__name__, args.config)
-    model = torch_class(
-        transformers.BridgeTowerConfig.from_dict(config.to_dict())
-    ).eval()
+    torch_config = transformers.BridgeTowerConfig.from_dict(config.to_dict())
+    state = {}
+    for head in heads:
+        torch.manual_seed(args.seed)
+        torch_class = getattr(transformers, HEAD_ARCHITECTURES[head])
+        logger.info("Building a random %s from %s", torch_class.__name__, args.config)
+        model = torch_class(torch_config).eval()
+        # The backbone comes from the first class; the others add their heads.
+        first = not state
+        for key, tensor in model.state_dict().items():
+            if first or not key.startswith("bridgetower."):
+                state[key] = tensor.detach().numpy()
     with atomic_directory(args.out, overwrite=args.overwrite) as staging:
-        model.save_pretrained(staging)
+        if len(heads) == 1:
+            model.save_pretrained(staging)
+        else:
+            torch_config.architectures = list(config.architectures)
+            torch_config.save_pretrained(staging)
+            write_safetensors(state, staging / "model.safetensors")
+        if args.processor:
+            _write_sample_processor(config, staging)
     logger.info("Wrote %s", args.out)
+
+
+# A byte-level BPE vocabulary holds 256 byte tokens and 5 special tokens before
+# any merge; a few dozen merges make it useful.
+MIN_BPE_VOCAB = 300
+
+
+def _write_sample_processor(config, directory) -> None:
+    """Write preprocessor_config.json and a tokenizer trained on the sample captions."""
+    from bt_jax import processing, samples
+
+    captions = [
+        caption for photo in samples.load_samples() for caption in photo.captions
+    ]
+    tokenizer = processing.train_tokenizer(
+        captions, directory, vocab_size=config.text_config.vocab_size
+    )
+    image_size = config.vision_config.image_size
+    processing.BridgeTowerImageProcessor(size=image_size).save_pretrained(directory)
+    logger.info(
+        "Wrote a %d-token tokenizer and %d px preprocessing", len(tokenizer), image_size
+    )

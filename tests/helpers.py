@@ -203,3 +203,50 @@ def run_convert(*args) -> subprocess.CompletedProcess:
         timeout=600,
         check=False,
     )
+
+
+def sample_config(**overrides) -> dict:
+    """Return the tiny preset with room for a tokenizer trained on sample captions."""
+    config = tiny_config(**overrides)
+    config["text_config"]["vocab_size"] = 1000
+    config["vision_config"]["image_size"] = 64
+    return config
+
+
+def save_multihead_checkpoint(
+    directory: Path, config: dict, *, seed: int = 0, itm_scale: float = 1.0
+) -> dict[str, torch.nn.Module]:
+    """Save one checkpoint with the MLM, ITM and ITC heads on one backbone.
+
+    This is the layout of the hub's bridgetower-large-itm-mlm-itc: the ITC class
+    in `architectures`, and every head's tensors in `model.safetensors`. Returns
+    the three reference models, each reloaded from the directory by transformers
+    (which loads its own head and ignores the others). `itm_scale` multiplies the
+    ITM weights, which spreads a random model's match scores apart so that
+    rankings do not hinge on near-ties.
+    """
+    from bt_jax.weights.io import write_safetensors
+
+    itc = torch_model(config, "itc", seed=seed)
+    state = {k: v.numpy() for k, v in itc.state_dict().items()}
+    for offset, head in enumerate(("itm", "mlm"), start=1):
+        other = torch_model(config, head, seed=seed + 10 * offset)
+        state.update(
+            {
+                k: v.numpy()
+                for k, v in other.state_dict().items()
+                if not k.startswith("bridgetower.")
+            }
+        )
+    state["itm_score.fc.weight"] = state["itm_score.fc.weight"] * itm_scale
+    directory.mkdir(parents=True, exist_ok=True)
+    itc.config.save_pretrained(directory)
+    write_safetensors(state, directory / "model.safetensors")
+    models = {}
+    for head in ("mlm", "itm", "itc"):
+        cls = getattr(transformers, HEAD_ARCHITECTURES[head])
+        model, info = cls.from_pretrained(directory, output_loading_info=True)
+        assert not info["missing_keys"], info["missing_keys"]
+        assert not info["mismatched_keys"], info["mismatched_keys"]
+        models[head] = model.eval()
+    return models

@@ -222,6 +222,43 @@ class BridgeTowerModel(nnx.Module):
             self.cross_modal_image_link_tower[level - 1],
         )
 
+    def unimodal_text(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Run only the text encoder.
+
+        Returns the same tensor as the last text entry of `forward_trace`; text
+        layers never attend to the image, so no image is needed.
+        """
+        check_text_inputs(self.config, input_ids, attention_mask)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        text_mask = layers.key_padding_mask(attention_mask)
+        text = sharding.constrain(
+            self.text_model.embeddings(input_ids), ACTIVATION_AXES
+        )
+        # The split index plus one layer per later level covers every text layer.
+        for layer in self.text_model.encoder.layer:
+            text = sharding.constrain(layer(text, text_mask), ACTIVATION_AXES)
+        return text
+
+    def unimodal_image(
+        self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
+    ) -> jax.Array:
+        """Run only the vision encoder.
+
+        Returns the same tensor as the last image entry of `forward_trace`
+        (before `ln_post`).
+        """
+        vision = self.vision_model.visual
+        image = vision.forward_pre(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        image = sharding.constrain(image, ACTIVATION_AXES)
+        for block in vision.transformer.resblocks:
+            image = sharding.constrain(block(image), ACTIVATION_AXES)
+        return image
+
     def forward_trace(
         self,
         input_ids: jax.Array,

@@ -2,10 +2,13 @@
 
 Each `BridgeTowerFor*` class contains the backbone as `bridgetower` and its head
 under the reference's attribute name, so parameter paths match the state-dict
-keys of the matching transformers class.
+keys of the matching transformers class. `BridgeTowerForPreTraining` has no
+transformers counterpart: it holds several heads under those same names.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +17,16 @@ from flax import nnx
 from bt_jax import losses
 from bt_jax.config import BridgeTowerConfig
 from bt_jax.modeling import layers
-from bt_jax.modeling.bridgetower import BridgeTowerModel, _eager_sharding_if_mesh
+from bt_jax.modeling.bridgetower import (
+    BridgeTowerModel,
+    ForwardTrace,
+    _eager_sharding_if_mesh,
+)
 from bt_jax.modeling.layers import HF_INIT_STD
 from bt_jax.modeling.outputs import (
     ContrastiveOutput,
     MaskedLMOutput,
+    PreTrainingOutput,
     SequenceClassifierOutput,
 )
 
@@ -118,7 +126,11 @@ class LinearHead(nnx.Module):
 
 
 class _HeadModel(nnx.Module):
-    """Shared constructor: the backbone as `bridgetower`, then the head's own modules."""
+    """Shared constructor: the backbone as `bridgetower`, then the head's own modules.
+
+    The helpers below build and apply each head, so a class with several heads
+    computes each exactly as the single-head class does.
+    """
 
     def __init__(
         self,
@@ -138,14 +150,133 @@ class _HeadModel(nnx.Module):
     def _build_head(self, config, *, dtype, param_dtype, rngs):
         raise NotImplementedError
 
+    def _build_mlm_head(self, config, *, dtype, param_dtype, rngs):
+        self.mlm_score = MLMHead(
+            config, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def _build_itm_head(self, config, *, dtype, param_dtype, rngs):
+        self.itm_score = LinearHead(
+            2 * config.hidden_size,
+            2,
+            std=HF_INIT_STD * config.initializer_factor,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def _build_itc_heads(self, config, *, dtype, param_dtype, rngs):
+        if (
+            config.contrastive_hidden_size is None
+            or config.logit_scale_init_value is None
+        ):
+            raise ValueError(
+                "the ITC head needs contrastive_hidden_size and logit_scale_init_value "
+                "in the config (512 and 2.6592 in bridgetower-large-itm-mlm-itc); set "
+                "both."
+            )
+        width, dim = config.hidden_size, config.contrastive_hidden_size
+        kwargs = dict(
+            std=HF_INIT_STD * config.initializer_factor,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.itc_text_head = LinearHead(width, dim, **kwargs)
+        self.itc_image_head = LinearHead(width, dim, **kwargs)
+        self.itc_cross_modal_head = LinearHead(2 * width, dim, **kwargs)
+        self.logit_scale = nnx.Param(
+            layers.constant_init(config.logit_scale_init_value, ())(
+                None, (), param_dtype
+            )
+        )
+
+    def _mlm_logits(self, trace: ForwardTrace) -> jax.Array:
+        word_embeddings = self.bridgetower.text_model.embeddings.word_embeddings
+        return self.mlm_score(trace.text_features, word_embeddings)
+
+    def _text_embeds(self, last_text: jax.Array) -> jax.Array:
+        """Project the CLS token of the last text layer (uni-modal) and normalise."""
+        return losses.l2_normalize(self.itc_text_head(last_text[:, 0]))
+
+    def _image_embeds(self, last_image: jax.Array) -> jax.Array:
+        """Project the class token of the last vision block (uni-modal) and normalise.
+
+        The token first goes through `ln_post`, the image transform and token-type
+        row 1, as the bridges' input does.
+        """
+        backbone = self.bridgetower
+        normed = backbone.vision_model.visual.forward_post(last_image[:, :1])
+        # With per-level transforms the reference raises TypeError here; the last
+        # vision block is bridged at the last level, so its transform is used.
+        last_level = self.config.num_hidden_layers - 1
+        image_cls = (
+            backbone.image_transform(normed, last_level)
+            + backbone.token_type_embeddings.embedding[1]
+        )[:, 0]
+        return losses.l2_normalize(self.itc_image_head(image_cls))
+
+    def _contrastive_embeds(
+        self, trace: ForwardTrace
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Return the (text, image, cross) L2-normalised ITC embeddings of a pass."""
+        text_embeds = self._text_embeds(trace.text_hidden_states[-1])
+        image_embeds = self._image_embeds(trace.image_hidden_states[-1])
+        cross_embeds = losses.l2_normalize(
+            self.itc_cross_modal_head(trace.pooler_output)
+        )
+        return text_embeds, image_embeds, cross_embeds
+
+    def _trace(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        interpolate_pos_encoding,
+        dropout_rng,
+    ) -> ForwardTrace:
+        return self.bridgetower.forward_trace(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            dropout_rng=dropout_rng,
+        )
+
+
+class _ContrastiveEncoders:
+    """Uni-modal ITC embeddings, for galleries embedded once and searched often."""
+
+    def encode_text(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """Return the L2-normalised ITC text embeddings `(batch, dim)`; no image needed.
+
+        Equal to `text_embeds` of a full forward pass on the same texts.
+        """
+        return self._text_embeds(
+            self.bridgetower.unimodal_text(input_ids, attention_mask)
+        )
+
+    def encode_image(
+        self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
+    ) -> jax.Array:
+        """Return the L2-normalised ITC image embeddings `(batch, dim)`; no text needed.
+
+        Equal to `image_embeds` of a full forward pass on the same images.
+        """
+        return self._image_embeds(
+            self.bridgetower.unimodal_image(
+                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+            )
+        )
+
 
 class BridgeTowerForMaskedLM(_HeadModel):
     """Masked language modelling on the cross-modal text stream."""
 
-    def _build_head(self, config, *, dtype, param_dtype, rngs):
-        self.mlm_score = MLMHead(
-            config, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+    def _build_head(self, config, **kwargs):
+        self._build_mlm_head(config, **kwargs)
 
     def __call__(
         self,
@@ -165,15 +296,14 @@ class BridgeTowerForMaskedLM(_HeadModel):
         also contains the mean cross-entropy over the labelled positions.
         """
         del pixel_mask
-        trace = self.bridgetower.forward_trace(
+        trace = self._trace(
             input_ids,
             attention_mask,
             pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            dropout_rng=dropout_rng,
+            interpolate_pos_encoding,
+            dropout_rng,
         )
-        word_embeddings = self.bridgetower.text_model.embeddings.word_embeddings
-        logits = self.mlm_score(trace.text_features, word_embeddings)
+        logits = self._mlm_logits(trace)
         loss = None if labels is None else losses.masked_lm_loss(logits, labels)
         return MaskedLMOutput(
             logits=logits,
@@ -185,15 +315,8 @@ class BridgeTowerForMaskedLM(_HeadModel):
 class BridgeTowerForImageAndTextRetrieval(_HeadModel):
     """Image-text matching: two logits per pair, class 1 = the text matches the image."""
 
-    def _build_head(self, config, *, dtype, param_dtype, rngs):
-        self.itm_score = LinearHead(
-            2 * config.hidden_size,
-            2,
-            std=HF_INIT_STD * config.initializer_factor,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
+    def _build_head(self, config, **kwargs):
+        self._build_itm_head(config, **kwargs)
 
     def __call__(
         self,
@@ -209,12 +332,12 @@ class BridgeTowerForImageAndTextRetrieval(_HeadModel):
     ) -> SequenceClassifierOutput:
         """Score each pair; with integer `labels` (`(batch,)`) also return the mean cross-entropy."""
         del pixel_mask
-        trace = self.bridgetower.forward_trace(
+        trace = self._trace(
             input_ids,
             attention_mask,
             pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            dropout_rng=dropout_rng,
+            interpolate_pos_encoding,
+            dropout_rng,
         )
         logits = self.itm_score(trace.pooler_output)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
@@ -225,34 +348,11 @@ class BridgeTowerForImageAndTextRetrieval(_HeadModel):
         )
 
 
-class BridgeTowerForContrastiveLearning(_HeadModel):
+class BridgeTowerForContrastiveLearning(_ContrastiveEncoders, _HeadModel):
     """Image-text contrastive head with text, image and cross-modal embeddings."""
 
-    def _build_head(self, config, *, dtype, param_dtype, rngs):
-        if (
-            config.contrastive_hidden_size is None
-            or config.logit_scale_init_value is None
-        ):
-            raise ValueError(
-                "BridgeTowerForContrastiveLearning needs contrastive_hidden_size and "
-                "logit_scale_init_value in the config (512 and 2.6592 in "
-                "bridgetower-large-itm-mlm-itc); set both."
-            )
-        width, dim = config.hidden_size, config.contrastive_hidden_size
-        kwargs = dict(
-            std=HF_INIT_STD * config.initializer_factor,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.itc_text_head = LinearHead(width, dim, **kwargs)
-        self.itc_image_head = LinearHead(width, dim, **kwargs)
-        self.itc_cross_modal_head = LinearHead(2 * width, dim, **kwargs)
-        self.logit_scale = nnx.Param(
-            layers.constant_init(config.logit_scale_init_value, ())(
-                None, (), param_dtype
-            )
-        )
+    def _build_head(self, config, **kwargs):
+        self._build_itc_heads(config, **kwargs)
 
     def __call__(
         self,
@@ -277,30 +377,14 @@ class BridgeTowerForContrastiveLearning(_HeadModel):
         (rows only, not columns), averaged over the three.
         """
         del pixel_mask
-        backbone = self.bridgetower
-        trace = backbone.forward_trace(
+        trace = self._trace(
             input_ids,
             attention_mask,
             pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            dropout_rng=dropout_rng,
+            interpolate_pos_encoding,
+            dropout_rng,
         )
-        text_cls = trace.text_hidden_states[-1][:, 0]
-        last_image = backbone.vision_model.visual.forward_post(
-            trace.image_hidden_states[-1]
-        )
-        # With per-level transforms the reference raises TypeError here; the last
-        # vision block is bridged at the last level, so its transform is used.
-        last_level = self.config.num_hidden_layers - 1
-        image_cls = (
-            backbone.image_transform(last_image, last_level)
-            + backbone.token_type_embeddings.embedding[1]
-        )[:, 0]
-        text_embeds = losses.l2_normalize(self.itc_text_head(text_cls))
-        image_embeds = losses.l2_normalize(self.itc_image_head(image_cls))
-        cross_embeds = losses.l2_normalize(
-            self.itc_cross_modal_head(trace.pooler_output)
-        )
+        text_embeds, image_embeds, cross_embeds = self._contrastive_embeds(trace)
         loss = None
         if return_loss:
             loss = losses.contrastive_loss(
@@ -312,5 +396,101 @@ class BridgeTowerForContrastiveLearning(_HeadModel):
             image_embeds=image_embeds,
             cross_embeds=cross_embeds,
             loss=loss,
+            hidden_states=trace.hidden_states() if output_hidden_states else None,
+        )
+
+
+# Order of the heads in a multi-head model's name, such as "mlm+itm+itc".
+PRETRAINING_HEADS = ("mlm", "itm", "itc")
+
+
+def parse_heads(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Return the heads of a spec such as "itm+mlm" or ("itm", "mlm") in canonical order.
+
+    Raises:
+      ValueError: the spec names a head other than mlm, itm and itc, or none.
+    """
+    names = spec.split("+") if isinstance(spec, str) else list(spec)
+    unknown = [name for name in names if name not in PRETRAINING_HEADS]
+    if unknown or not names:
+        raise ValueError(
+            f"heads={spec!r} is invalid; combine one or more of "
+            f"{', '.join(PRETRAINING_HEADS)}, for example 'mlm+itm+itc'."
+        )
+    return tuple(head for head in PRETRAINING_HEADS if head in names)
+
+
+class BridgeTowerForPreTraining(_ContrastiveEncoders, _HeadModel):
+    """The backbone with any of the MLM, ITM and ITC heads, sharing one forward pass.
+
+    Checkpoints such as bridgetower-large-itm-mlm-itc store all three heads, but
+    each transformers class loads only its own. This class keeps every head under
+    the same attribute names, so one backbone serves matching, retrieval and
+    fill-mask, and pretraining can train all three objectives.
+    """
+
+    def __init__(
+        self,
+        config: BridgeTowerConfig,
+        heads: str | Sequence[str] = PRETRAINING_HEADS,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.heads = parse_heads(heads)
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def _build_head(self, config, **kwargs):
+        if "mlm" in self.heads:
+            self._build_mlm_head(config, **kwargs)
+        if "itm" in self.heads:
+            self._build_itm_head(config, **kwargs)
+        if "itc" in self.heads:
+            self._build_itc_heads(config, **kwargs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        pixel_values: jax.Array | None = None,
+        pixel_mask: jax.Array | None = None,
+        *,
+        heads: str | Sequence[str] | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        dropout_rng: jax.Array | None = None,
+    ) -> PreTrainingOutput:
+        """Run the backbone once and apply `heads` (default: all of this model's).
+
+        Outputs of heads not applied are None. Each output equals the one of the
+        matching single-head class on the same weights.
+        """
+        del pixel_mask
+        wanted = self.heads if heads is None else parse_heads(heads)
+        missing = [head for head in wanted if head not in self.heads]
+        if missing:
+            raise ValueError(
+                f"this model has no {'+'.join(missing)} head (it has "
+                f"{'+'.join(self.heads)}); load a checkpoint that contains it."
+            )
+        trace = self._trace(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            interpolate_pos_encoding,
+            dropout_rng,
+        )
+        outputs = {}
+        if "mlm" in wanted:
+            outputs["mlm_logits"] = self._mlm_logits(trace)
+        if "itm" in wanted:
+            outputs["itm_logits"] = self.itm_score(trace.pooler_output)
+        if "itc" in wanted:
+            text, image, cross = self._contrastive_embeds(trace)
+            outputs.update(text_embeds=text, image_embeds=image, cross_embeds=cross)
+        return PreTrainingOutput(
+            **outputs,
+            pooler_output=trace.pooler_output,
             hidden_states=trace.hidden_states() if output_hidden_states else None,
         )

@@ -58,3 +58,20 @@ class ContrastiveOutput:
     cross_embeds: jax.Array
     loss: jax.Array | None = None
     hidden_states: HiddenStates | None = None
+
+
+@struct.dataclass
+class PreTrainingOutput:
+    """Output of `BridgeTowerForPreTraining`: one field per head, None when not run.
+
+    `mlm_logits` is `(batch, length, vocab)`, `itm_logits` `(batch, 2)` (class 1
+    is a match) and the three ITC embeddings are L2-normalised `(batch, dim)`.
+    """
+
+    mlm_logits: jax.Array | None = None
+    itm_logits: jax.Array | None = None
+    text_embeds: jax.Array | None = None
+    image_embeds: jax.Array | None = None
+    cross_embeds: jax.Array | None = None
+    pooler_output: jax.Array | None = None
+    hidden_states: HiddenStates | None = None
