@@ -1,0 +1,680 @@
+"""Inference for notebooks and scripts: matching, similarity, retrieval and fill-mask.
+
+`Predictor` wraps a model and its processor. It takes raw inputs (PIL images,
+arrays, file paths, strings), preprocesses them on the host, and runs jitted
+functions on batches padded to a few bucketed shapes: the batch to a power of
+two up to `batch_size`, and the text length to a power of two from 16 up to the
+model's limit. So calls with other numbers of inputs or other text lengths
+inside a bucket reuse compiled code instead of compiling again.
+
+Retrieval works as the original BridgeTower evaluation does: contrastive (ITC)
+similarity picks `candidates` per query from the whole gallery, then the
+image-text matching (ITM) head re-scores those pairs, ranked by the logit of
+the "match" class. Gallery embeddings are computed once per `Gallery`, so a
+gallery searched many times is embedded once.
+
+Which methods work depends on the heads the checkpoint stores:
+
+| method                               | needs |
+|--------------------------------------|-------|
+| `match`, `match_matrix`              | itm   |
+| `similarity`, `encode_*`, `index_*`  | itc   |
+| `retrieve_*`                         | itc, or itm alone (every pair is scored) |
+| `fill_mask`                          | mlm   |
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from bt_jax import hub
+from bt_jax.modeling import (
+    BridgeTowerForContrastiveLearning,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerForMaskedLM,
+    BridgeTowerForPreTraining,
+)
+from bt_jax.processing import BridgeTowerProcessor, ImageInput
+
+logger = logging.getLogger(__name__)
+
+MIN_TEXT_BUCKET = 16
+# Galleries built from plain lists are kept for repeated searches, up to this many.
+GALLERY_CACHE_SIZE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """One retrieved gallery item.
+
+    `score` orders the results: the ITM match logit when the results were
+    re-ranked, else the ITC cosine similarity.
+    """
+
+    index: int
+    id: str
+    score: float
+    similarity: float | None = None
+    match_probability: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPrediction:
+    """One candidate token for a `<mask>` position."""
+
+    token_id: int
+    token: str
+    probability: float
+    sequence: str
+
+
+@dataclasses.dataclass
+class Gallery:
+    """Embedded images or texts to search, with the inputs kept for re-ranking."""
+
+    kind: str  # "image" or "text"
+    items: list[Any]
+    ids: list[str]
+    embeddings: np.ndarray  # (len(items), dim), L2-normalised
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def bucket_size(n: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """Return the smallest power of two >= `n` and >= `minimum`, capped at `maximum`."""
+    size = max(minimum, 1 << max(n - 1, 0).bit_length())
+    return size if maximum is None else min(size, maximum)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _pad_rows(array: np.ndarray, rows: int, fill=0) -> np.ndarray:
+    if array.shape[0] == rows:
+        return array
+    pad = np.full((rows - array.shape[0], *array.shape[1:]), fill, array.dtype)
+    return np.concatenate([array, pad])
+
+
+def _heads_of(model: nnx.Module) -> tuple[str, ...]:
+    if isinstance(model, BridgeTowerForPreTraining):
+        return model.heads
+    for cls, head in (
+        (BridgeTowerForMaskedLM, "mlm"),
+        (BridgeTowerForImageAndTextRetrieval, "itm"),
+        (BridgeTowerForContrastiveLearning, "itc"),
+    ):
+        if isinstance(model, cls):
+            return (head,)
+    raise TypeError(
+        f"{type(model).__name__} has no task head; load the model with a head, e.g. "
+        "Predictor.from_pretrained(path), which keeps every head the checkpoint stores."
+    )
+
+
+class Predictor:
+    """Runs a BridgeTower model on raw images and texts.
+
+    Construct it with `Predictor.from_pretrained(path)`, which loads the model with
+    every head the checkpoint stores, and the processor from the same directory.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        processor: BridgeTowerProcessor,
+        *,
+        batch_size: int = 16,
+        progress: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self.model = model
+        self.processor = processor
+        self.heads = _heads_of(model)
+        self.batch_size = batch_size
+        self.progress = progress
+        config = model.config
+        self.max_text_length = config.text_config.max_text_length
+        if processor.max_text_length is None:
+            processor.max_text_length = self.max_text_length
+        self._pad_id = config.text_config.pad_token_id
+        self._graphdef, self._state = nnx.split(model)
+        self._jitted: dict[str, Callable] = {}
+        self._galleries: collections.OrderedDict[str, Gallery] = (
+            collections.OrderedDict()
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        head: str | None = None,
+        dtype=jnp.float32,
+        batch_size: int = 16,
+        progress: bool = True,
+        **processor_overrides,
+    ) -> Predictor:
+        """Load a checkpoint directory with its processor and tokenizer files.
+
+        Args:
+          path: a Hugging Face BridgeTower directory or a bt-jax directory, with
+            `preprocessor_config.json` and tokenizer files beside the weights.
+          head: heads to load, such as "itm" or "mlm+itm+itc"; by default every
+            head whose weights the checkpoint stores.
+          dtype: compute dtype (float32, or bfloat16 for speed).
+          batch_size: largest batch run at once; bigger inputs are split.
+          progress: show progress bars for inputs longer than one batch.
+          processor_overrides: image processor settings to override, such as
+            `pipeline="original"`.
+        """
+        if head is None:
+            head = hub.checkpoint_head(path)
+            if head == "model":
+                raise ValueError(
+                    f"{path} stores no task head (MLM, ITM or ITC), so it can only "
+                    "embed; use a checkpoint with heads, such as "
+                    "bridgetower-large-itm-mlm-itc."
+                )
+        processor = BridgeTowerProcessor.from_pretrained(path, **processor_overrides)
+        model, _ = hub.from_pretrained(path, head=head, dtype=dtype)
+        logger.info("Loaded %s with the %s head(s)", path, head)
+        return cls(model, processor, batch_size=batch_size, progress=progress)
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _require(self, head: str, task: str) -> None:
+        if head not in self.heads:
+            raise ValueError(
+                f"{task} needs the {head} head, but this model has "
+                f"{'+'.join(self.heads)}; load a checkpoint that stores it."
+            )
+
+    def _function(self, name: str) -> Callable:
+        """Return the jitted function `name`, built on first use."""
+        if name not in self._jitted:
+            graphdef = self._graphdef
+            body = getattr(self, f"_{name}_body")
+
+            def run(state, *args):
+                return body(nnx.merge(graphdef, state), *args)
+
+            self._jitted[name] = jax.jit(run)
+        return self._jitted[name]
+
+    @staticmethod
+    def _itm_body(model, input_ids, attention_mask, pixel_values):
+        if isinstance(model, BridgeTowerForPreTraining):
+            logits = model(input_ids, attention_mask, pixel_values, heads="itm")
+            return logits.itm_logits
+        return model(input_ids, attention_mask, pixel_values).logits
+
+    @staticmethod
+    def _mlm_body(model, input_ids, attention_mask, pixel_values, top_k):
+        if isinstance(model, BridgeTowerForPreTraining):
+            logits = model(input_ids, attention_mask, pixel_values, heads="mlm")
+            logits = logits.mlm_logits
+        else:
+            logits = model(input_ids, attention_mask, pixel_values).logits
+        probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return jax.lax.top_k(probabilities, top_k.shape[0])
+
+    @staticmethod
+    def _text_embeds_body(model, input_ids, attention_mask):
+        return model.encode_text(input_ids, attention_mask)
+
+    @staticmethod
+    def _image_embeds_body(model, pixel_values):
+        return model.encode_image(pixel_values)
+
+    def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenise and pad the length to its bucket."""
+        encoded = self.processor.tokenize(list(texts), padding=True)
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        length = bucket_size(
+            ids.shape[1], minimum=MIN_TEXT_BUCKET, maximum=self.max_text_length
+        )
+        padded_ids = np.full((ids.shape[0], length), self._pad_id, np.int32)
+        padded_mask = np.zeros((ids.shape[0], length), np.int32)
+        padded_ids[:, : ids.shape[1]] = ids
+        padded_mask[:, : ids.shape[1]] = mask
+        return padded_ids, padded_mask
+
+    def _pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
+        return self.processor.image_processor(list(images))["pixel_values"]
+
+    def _batches(self, n: int, description: str) -> Iterator[slice]:
+        chunks = list(_chunks(n, self.batch_size))
+        show = self.progress and len(chunks) > 1
+        return iter(tqdm(chunks, desc=description, unit="batch", disable=not show))
+
+    def _run(self, name: str, rows: int, *arrays: np.ndarray, **static):
+        """Run jitted function `name` on `arrays` padded to a bucketed batch size."""
+        batch = bucket_size(rows, maximum=self.batch_size)
+        padded = [_pad_rows(a, batch) for a in arrays]
+        extra = [np.zeros((static["top_k"],), np.int8)] if "top_k" in static else []
+        output = self._function(name)(self._state, *padded, *extra)
+        return jax.tree.map(lambda x: np.asarray(x)[:rows], output)
+
+    # -------------------------------------------------------------- embeddings
+
+    def encode_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Return L2-normalised ITC text embeddings, `(len(texts), dim)` float32."""
+        self._require("itc", "encode_texts")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        outputs = []
+        for part in self._batches(len(texts), "Embedding texts"):
+            ids, mask = self._tokens(texts[part])
+            outputs.append(self._run("text_embeds", len(ids), ids, mask))
+        return np.concatenate(outputs).astype(np.float32)
+
+    def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Return L2-normalised ITC image embeddings, `(len(images), dim)` float32."""
+        self._require("itc", "encode_images")
+        images = _as_list(images)
+        outputs = []
+        for part in self._batches(len(images), "Embedding images"):
+            pixels = self._pixels(images[part])
+            outputs.append(self._run("image_embeds", len(pixels), pixels))
+        return np.concatenate(outputs).astype(np.float32)
+
+    def index_images(
+        self, images: Sequence[ImageInput], ids: Sequence[str] | None = None
+    ) -> Gallery:
+        """Embed images once into a `Gallery` to search with `retrieve_images`."""
+        images = _as_list(images)
+        embeddings = (
+            self.encode_images(images)
+            if "itc" in self.heads
+            else np.zeros((len(images), 0), np.float32)
+        )
+        return Gallery("image", images, _gallery_ids(images, ids), embeddings)
+
+    def index_texts(
+        self, texts: Sequence[str], ids: Sequence[str] | None = None
+    ) -> Gallery:
+        """Embed texts once into a `Gallery` to search with `retrieve_texts`."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        embeddings = (
+            self.encode_texts(texts)
+            if "itc" in self.heads
+            else np.zeros((len(texts), 0), np.float32)
+        )
+        return Gallery("text", texts, _gallery_ids(texts, ids), embeddings)
+
+    def _cached_gallery(self, kind: str, items: list) -> Gallery:
+        """Return the gallery of `items`, embedding them only if not seen recently."""
+        key = f"{kind}:{_fingerprint(items)}"
+        if key in self._galleries:
+            self._galleries.move_to_end(key)
+            return self._galleries[key]
+        index = self.index_images if kind == "image" else self.index_texts
+        gallery = index(items)
+        self._galleries[key] = gallery
+        if len(self._galleries) > GALLERY_CACHE_SIZE:
+            self._galleries.popitem(last=False)
+        return gallery
+
+    def similarity(
+        self,
+        images: ImageInput | Sequence[ImageInput] | Gallery,
+        texts: str | Sequence[str] | Gallery,
+    ) -> np.ndarray:
+        """Return the ITC cosine similarity of every image with every text, `(I, T)`."""
+        self._require("itc", "similarity")
+        image_embeds = (
+            images.embeddings
+            if isinstance(images, Gallery)
+            else self.encode_images(images)
+        )
+        text_embeds = (
+            texts.embeddings if isinstance(texts, Gallery) else self.encode_texts(texts)
+        )
+        return image_embeds @ text_embeds.T
+
+    # ----------------------------------------------------------------- matching
+
+    def match_logits(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: str | Sequence[str],
+    ) -> np.ndarray:
+        """Return the ITM logits `(N, 2)` of pairs (images[i], texts[i]).
+
+        A single image or a single text is paired with every item of the other.
+        """
+        self._require("itm", "match")
+        images, texts = _pairs(_as_list(images), texts)
+        outputs = []
+        for part in self._batches(len(texts), "Matching"):
+            ids, mask = self._tokens(texts[part])
+            pixels = self._pixels(images[part])
+            outputs.append(self._run("itm", len(ids), ids, mask, pixels))
+        return np.concatenate(outputs).astype(np.float32)
+
+    def match(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: str | Sequence[str],
+    ) -> np.ndarray:
+        """Return the probability that texts[i] describes images[i], `(N,)`."""
+        return _match_probability(self.match_logits(images, texts))
+
+    def match_matrix(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: str | Sequence[str],
+    ) -> np.ndarray:
+        """Return the ITM match probability of every image with every text, `(I, T)`.
+
+        Runs the cross-modal model on all I x T pairs; for large sets use
+        `retrieve_*`, which scores only the contrastive candidates.
+        """
+        images = _as_list(images)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        pairs_images = [image for image in images for _ in texts]
+        pairs_texts = [text for _ in images for text in texts]
+        return self.match(pairs_images, pairs_texts).reshape(len(images), len(texts))
+
+    # ---------------------------------------------------------------- retrieval
+
+    def retrieve_texts(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: Sequence[str] | Gallery,
+        *,
+        k: int = 5,
+        candidates: int = 16,
+        rerank: bool = True,
+    ) -> list[list[Match]]:
+        """Return the `k` best texts for each image, best first.
+
+        Args:
+          images: the queries.
+          texts: the gallery, as a list or as a `Gallery` from `index_texts`.
+          k: results per query.
+          candidates: texts per query that ITM re-scores after the ITC search.
+          rerank: re-score with ITM (needs the itm head); False ranks by ITC.
+        """
+        gallery = (
+            texts
+            if isinstance(texts, Gallery)
+            else self._cached_gallery(
+                "text", [texts] if isinstance(texts, str) else list(texts)
+            )
+        )
+        _check_kind(gallery, "text", "retrieve_texts")
+        queries = _as_list(images)
+        query_embeds = (
+            self.encode_images(queries) if gallery.embeddings.shape[1] else None
+        )
+        return self._retrieve(
+            queries, query_embeds, gallery, k, candidates, rerank, images_first=True
+        )
+
+    def retrieve_images(
+        self,
+        texts: str | Sequence[str],
+        images: Sequence[ImageInput] | Gallery,
+        *,
+        k: int = 5,
+        candidates: int = 16,
+        rerank: bool = True,
+    ) -> list[list[Match]]:
+        """Return the `k` best images for each text, best first.
+
+        The arguments mirror `retrieve_texts`, with texts as the queries.
+        """
+        gallery = (
+            images
+            if isinstance(images, Gallery)
+            else self._cached_gallery("image", _as_list(images))
+        )
+        _check_kind(gallery, "image", "retrieve_images")
+        queries = [texts] if isinstance(texts, str) else list(texts)
+        query_embeds = (
+            self.encode_texts(queries) if gallery.embeddings.shape[1] else None
+        )
+        return self._retrieve(
+            queries, query_embeds, gallery, k, candidates, rerank, images_first=False
+        )
+
+    def _retrieve(
+        self,
+        queries: list,
+        query_embeds: np.ndarray | None,
+        gallery: Gallery,
+        k: int,
+        candidates: int,
+        rerank: bool,
+        *,
+        images_first: bool,
+    ) -> list[list[Match]]:
+        if k < 1 or candidates < 1:
+            raise ValueError(
+                f"k and candidates must be at least 1, got k={k}, candidates={candidates}."
+            )
+        if not len(gallery):
+            raise ValueError("the gallery is empty; index at least one item.")
+        k = min(k, len(gallery))
+        rerank = rerank and "itm" in self.heads
+        if query_embeds is None:
+            if not rerank:
+                self._require("itc", "retrieval without ITM")
+            logger.warning(
+                "No ITC head: scoring all %d x %d pairs with ITM.",
+                len(queries),
+                len(gallery),
+            )
+            similarity = np.zeros((len(queries), len(gallery)), np.float32)
+            shortlist = np.tile(np.arange(len(gallery)), (len(queries), 1))
+        else:
+            similarity = query_embeds @ gallery.embeddings.T
+            width = max(k, min(candidates, len(gallery))) if rerank else k
+            # Stable sort, so ties keep gallery order.
+            shortlist = np.argsort(-similarity, axis=1, kind="stable")[:, :width]
+
+        logits = None
+        if rerank:
+            pair_queries = [
+                queries[q] for q in range(len(queries)) for _ in shortlist[q]
+            ]
+            pair_items = [gallery.items[i] for row in shortlist for i in row]
+            if images_first:
+                logits = self.match_logits(pair_queries, pair_items)
+            else:
+                logits = self.match_logits(pair_items, pair_queries)
+            logits = logits.reshape(*shortlist.shape, 2)
+
+        results = []
+        for q, row in enumerate(shortlist):
+            if logits is None:
+                order = np.arange(len(row))
+                scores = similarity[q, row]
+            else:
+                scores = logits[q, :, 1]
+                order = np.argsort(-scores, kind="stable")
+            matches = []
+            for position in order[:k]:
+                index = int(row[position])
+                matches.append(
+                    Match(
+                        index=index,
+                        id=gallery.ids[index],
+                        score=float(scores[position]),
+                        similarity=None
+                        if query_embeds is None
+                        else float(similarity[q, index]),
+                        match_probability=None
+                        if logits is None
+                        else float(_match_probability(logits[q, position])),
+                    )
+                )
+            results.append(matches)
+        return results
+
+    # ---------------------------------------------------------------- fill-mask
+
+    def fill_mask(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        texts: str | Sequence[str],
+        *,
+        top_k: int = 5,
+    ) -> list[list[list[MaskPrediction]]]:
+        """Predict the tokens at each mask token of texts[i], given images[i].
+
+        Write the mask as `predictor.processor.mask_token` ("<mask>" for RoBERTa).
+        A single image or text is paired with every item of the other.
+
+        Returns:
+          for each pair, for each mask in order, the `top_k` predictions, most
+          probable first.
+        """
+        self._require("mlm", "fill_mask")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        images, texts = _pairs(_as_list(images), texts)
+        tokenizer = self.processor.tokenizer
+        mask_id = tokenizer.mask_token_id
+        results = []
+        for part in self._batches(len(texts), "Filling masks"):
+            ids, mask = self._tokens(texts[part])
+            for row, text in zip(ids, texts[part], strict=True):
+                if mask_id not in row:
+                    raise ValueError(
+                        f"text {text!r} has no {tokenizer.mask_token} token; write one "
+                        "where the model should predict a word."
+                    )
+            pixels = self._pixels(images[part])
+            top_k = min(top_k, len(tokenizer))
+            probabilities, token_ids = self._run(
+                "mlm", len(ids), ids, mask, pixels, top_k=top_k
+            )
+            for row in range(len(ids)):
+                results.append(
+                    self._mask_predictions(
+                        ids[row], probabilities[row], token_ids[row], mask_id
+                    )
+                )
+        return results
+
+    def _mask_predictions(self, ids, probabilities, token_ids, mask_id):
+        tokenizer = self.processor.tokenizer
+        length = int((ids != self._pad_id).sum())
+        positions = np.flatnonzero(ids[:length] == mask_id)
+        predictions = []
+        for position in positions:
+            options = []
+            for probability, token_id in zip(
+                probabilities[position], token_ids[position], strict=True
+            ):
+                filled = ids[:length].copy()
+                filled[position] = token_id
+                options.append(
+                    MaskPrediction(
+                        token_id=int(token_id),
+                        token=tokenizer.decode([int(token_id)]),
+                        probability=float(probability),
+                        sequence=tokenizer.decode(filled, skip_special_tokens=True),
+                    )
+                )
+            predictions.append(options)
+        return predictions
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def _fingerprint(items: list) -> str:
+    """Hash the content of images or texts, to recognise a gallery seen before."""
+    digest = hashlib.sha1()
+    for item in items:
+        if isinstance(item, str | os.PathLike):
+            # The size and modification time catch a file replaced at the same path.
+            try:
+                stat = os.stat(item)
+                version = f":{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                version = ""
+            digest.update(b"path:" + os.fsencode(item) + version.encode())
+        elif isinstance(item, bytes):
+            digest.update(b"bytes:" + item)
+        elif isinstance(item, np.ndarray):
+            digest.update(f"array:{item.shape}:{item.dtype}:".encode())
+            digest.update(np.ascontiguousarray(item).tobytes())
+        elif hasattr(item, "tobytes") and hasattr(item, "mode"):  # a PIL image
+            digest.update(f"pil:{item.size}:{item.mode}:".encode())
+            digest.update(item.tobytes())
+        else:
+            digest.update(f"object:{id(item)}".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _pairs(images: list, texts: str | Sequence[str]) -> tuple[list, list[str]]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if len(images) == 1 and len(texts) > 1:
+        images = images * len(texts)
+    elif len(texts) == 1 and len(images) > 1:
+        texts = texts * len(images)
+    if len(images) != len(texts):
+        raise ValueError(
+            f"got {len(images)} images and {len(texts)} texts; pass one image per "
+            "text, or a single image or text to pair with all of the other."
+        )
+    if not texts:
+        raise ValueError("no image-text pairs given.")
+    return images, texts
+
+
+def _gallery_ids(items: list, ids: Sequence[str] | None) -> list[str]:
+    if ids is None:
+        return [str(i) for i in range(len(items))]
+    ids = [str(i) for i in ids]
+    if len(ids) != len(items):
+        raise ValueError(f"got {len(ids)} ids for {len(items)} items; pass one each.")
+    return ids
+
+
+def _check_kind(gallery: Gallery, kind: str, task: str) -> None:
+    if gallery.kind != kind:
+        raise ValueError(
+            f"{task} searches a {kind} gallery, but this one holds {gallery.kind}s."
+        )
+
+
+def _match_probability(logits: np.ndarray) -> np.ndarray:
+    """Softmax probability of class 1 ("match") of ITM logits `(..., 2)`."""
+    logits = np.asarray(logits, np.float64)
+    return (1 / (1 + np.exp(logits[..., 0] - logits[..., 1]))).astype(np.float32)
+
+
+__all__ = [
+    "Gallery",
+    "MaskPrediction",
+    "Match",
+    "Predictor",
+    "bucket_size",
+]
