@@ -1,6 +1,8 @@
 # The two entry points a newcomer needs; both set up .venv first.
 #   make demo   build a random base-size checkpoint with transformers, convert it
-#               to bt-jax and print the parity report against PyTorch
+#               to bt-jax and print the parity report against PyTorch; then run
+#               the quickstart notebook on the bundled sample photos with a tiny
+#               random checkpoint and save its figure
 #   make test   lint and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,6 +26,10 @@ demo: setup
 	$(BIN)/python -m convert init-random --config configs/base.py --head itm --overwrite $(DEMO_DIR)/pytorch
 	$(BIN)/python -m convert to-jax --overwrite $(DEMO_DIR)/pytorch $(DEMO_DIR)/jax
 	$(BIN)/python -m convert verify $(DEMO_DIR)/pytorch --jax $(DEMO_DIR)/jax --text-length 40
+	$(BIN)/python -m convert init-random --config configs/sample.py --head mlm+itm+itc --processor --overwrite $(DEMO_DIR)/sample-pytorch
+	$(BIN)/python -m convert to-jax --overwrite $(DEMO_DIR)/sample-pytorch $(DEMO_DIR)/sample-jax
+	BT_JAX_CHECKPOINT=$(abspath $(DEMO_DIR))/sample-jax BT_JAX_FIGURE=$(abspath $(DEMO_DIR))/quickstart.png \
+		$(BIN)/python notebooks/execute.py notebooks/quickstart.ipynb $(DEMO_DIR)/quickstart.ipynb
 
 lint: setup
 	$(BIN)/ruff format --check .
