@@ -6,6 +6,7 @@ from bt_jax.modeling import (
     BridgeTowerForContrastiveLearning,
     BridgeTowerForImageAndTextRetrieval,
     BridgeTowerForMaskedLM,
+    BridgeTowerForPreTraining,
     BridgeTowerModel,
     create_model,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "BridgeTowerForContrastiveLearning",
     "BridgeTowerForImageAndTextRetrieval",
     "BridgeTowerForMaskedLM",
+    "BridgeTowerForPreTraining",
     "BridgeTowerModel",
     "TextConfig",
     "VisionConfig",

@@ -30,7 +30,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -46,7 +46,12 @@ from bt_jax.modeling import (
     BridgeTowerForMaskedLM,
     BridgeTowerForPreTraining,
 )
-from bt_jax.processing import BridgeTowerProcessor, ImageInput
+from bt_jax.processing import (
+    BridgeTowerProcessor,
+    ImageInput,
+    check_texts,
+    preview_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +147,7 @@ class Predictor:
         batch_size: int = 16,
         progress: bool = True,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        _check_count("batch_size", batch_size)
         self.model = model
         self.processor = processor
         self.heads = _heads_of(model)
@@ -154,6 +158,7 @@ class Predictor:
         if processor.max_text_length is None:
             processor.max_text_length = self.max_text_length
         self._pad_id = config.text_config.pad_token_id
+        _check_image_size(processor.image_processor, config.vision_config.image_size)
         self._graphdef, self._state = nnx.split(model)
         self._jitted: dict[str, Callable] = {}
         self._galleries: collections.OrderedDict[str, Gallery] = (
@@ -184,12 +189,17 @@ class Predictor:
           processor_overrides: image processor settings to override, such as
             `pipeline="original"`.
         """
+        if head == "model":
+            raise ValueError(
+                "head='model' has no task head; pass head=None (every head the "
+                "checkpoint stores) or heads among mlm, itm and itc."
+            )
         if head is None:
             head = hub.checkpoint_head(path)
             if head == "model":
                 raise ValueError(
-                    f"{path} stores no task head (MLM, ITM or ITC), so it can only "
-                    "embed; use a checkpoint with heads, such as "
+                    f"{path} stores no task head (MLM, ITM or ITC), and the Predictor "
+                    "needs at least one; use a checkpoint with heads, such as "
                     "bridgetower-large-itm-mlm-itc."
                 )
         processor = BridgeTowerProcessor.from_pretrained(path, **processor_overrides)
@@ -243,9 +253,31 @@ class Predictor:
     def _image_embeds_body(model, pixel_values):
         return model.encode_image(pixel_values)
 
+    def _texts(self, texts: str | Iterable[str]) -> list[str]:
+        """Check texts once, warning about each one the model must truncate.
+
+        Batches are then tokenised with silent truncation, so a text paired with
+        many images is reported once, by its position in `texts`.
+        """
+        texts = check_texts(texts if isinstance(texts, str) else list(texts))
+        lengths = [
+            len(ids)
+            for ids in self.processor.tokenizer(texts, padding=False)["input_ids"]
+        ]
+        for i, length in enumerate(lengths):
+            if length > self.max_text_length:
+                logger.warning(
+                    "text %d (%r) has %d tokens; truncating it to %d.",
+                    i,
+                    preview_text(texts[i]),
+                    length,
+                    self.max_text_length,
+                )
+        return texts
+
     def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokenise and pad the length to its bucket."""
-        encoded = self.processor.tokenize(list(texts), padding=True)
+        """Tokenise (truncating silently) and pad the length to its bucket."""
+        encoded = self.processor.tokenize(list(texts), padding=True, truncation=True)
         ids, mask = encoded["input_ids"], encoded["attention_mask"]
         length = bucket_size(
             ids.shape[1], minimum=MIN_TEXT_BUCKET, maximum=self.max_text_length
@@ -256,8 +288,11 @@ class Predictor:
         padded_mask[:, : ids.shape[1]] = mask
         return padded_ids, padded_mask
 
-    def _pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
-        return self.processor.image_processor(list(images))["pixel_values"]
+    def _pixels(self, images: Sequence[ImageInput], first_index: int) -> np.ndarray:
+        processed = self.processor.image_processor(
+            list(images), first_index=first_index
+        )
+        return processed["pixel_values"]
 
     def _batches(self, n: int, description: str) -> Iterator[slice]:
         chunks = list(_chunks(n, self.batch_size))
@@ -277,7 +312,9 @@ class Predictor:
     def encode_texts(self, texts: str | Sequence[str]) -> np.ndarray:
         """Return L2-normalised ITC text embeddings, `(len(texts), dim)` float32."""
         self._require("itc", "encode_texts")
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self._encode_texts(self._texts(texts))
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
         outputs = []
         for part in self._batches(len(texts), "Embedding texts"):
             ids, mask = self._tokens(texts[part])
@@ -287,18 +324,22 @@ class Predictor:
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Return L2-normalised ITC image embeddings, `(len(images), dim)` float32."""
         self._require("itc", "encode_images")
-        images = _as_list(images)
+        images = _image_list(images)
         outputs = []
         for part in self._batches(len(images), "Embedding images"):
-            pixels = self._pixels(images[part])
+            pixels = self._pixels(images[part], part.start)
             outputs.append(self._run("image_embeds", len(pixels), pixels))
         return np.concatenate(outputs).astype(np.float32)
 
     def index_images(
         self, images: Sequence[ImageInput], ids: Sequence[str] | None = None
     ) -> Gallery:
-        """Embed images once into a `Gallery` to search with `retrieve_images`."""
-        images = _as_list(images)
+        """Embed images once into a `Gallery` to search with `retrieve_images`.
+
+        NOTE: the gallery keeps the inputs, not their pixels, so ITM re-ranking
+        decodes and resizes each candidate image again for every query.
+        """
+        images = _image_list(images)
         embeddings = (
             self.encode_images(images)
             if "itc" in self.heads
@@ -310,9 +351,9 @@ class Predictor:
         self, texts: Sequence[str], ids: Sequence[str] | None = None
     ) -> Gallery:
         """Embed texts once into a `Gallery` to search with `retrieve_texts`."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = self._texts(texts)
         embeddings = (
-            self.encode_texts(texts)
+            self._encode_texts(texts)
             if "itc" in self.heads
             else np.zeros((len(texts), 0), np.float32)
         )
@@ -320,11 +361,14 @@ class Predictor:
 
     def _cached_gallery(self, kind: str, items: list) -> Gallery:
         """Return the gallery of `items`, embedding them only if not seen recently."""
-        key = f"{kind}:{_fingerprint(items)}"
+        index = self.index_images if kind == "image" else self.index_texts
+        fingerprint = _fingerprint(items)
+        if fingerprint is None:
+            return index(items)
+        key = f"{kind}:{fingerprint}"
         if key in self._galleries:
             self._galleries.move_to_end(key)
             return self._galleries[key]
-        index = self.index_images if kind == "image" else self.index_texts
         gallery = index(items)
         self._galleries[key] = gallery
         if len(self._galleries) > GALLERY_CACHE_SIZE:
@@ -338,6 +382,10 @@ class Predictor:
     ) -> np.ndarray:
         """Return the ITC cosine similarity of every image with every text, `(I, T)`."""
         self._require("itc", "similarity")
+        if isinstance(images, Gallery):
+            _check_kind(images, "image", "similarity's first argument")
+        if isinstance(texts, Gallery):
+            _check_kind(texts, "text", "similarity's second argument")
         image_embeds = (
             images.embeddings
             if isinstance(images, Gallery)
@@ -360,11 +408,14 @@ class Predictor:
         A single image or a single text is paired with every item of the other.
         """
         self._require("itm", "match")
-        images, texts = _pairs(_as_list(images), texts)
+        images, texts = _pairs(_image_list(images), self._texts(texts))
+        return self._match_logits(images, texts)
+
+    def _match_logits(self, images: list, texts: list[str]) -> np.ndarray:
         outputs = []
         for part in self._batches(len(texts), "Matching"):
             ids, mask = self._tokens(texts[part])
-            pixels = self._pixels(images[part])
+            pixels = self._pixels(images[part], part.start)
             outputs.append(self._run("itm", len(ids), ids, mask, pixels))
         return np.concatenate(outputs).astype(np.float32)
 
@@ -386,11 +437,13 @@ class Predictor:
         Runs the cross-modal model on all I x T pairs; for large sets use
         `retrieve_*`, which scores only the contrastive candidates.
         """
-        images = _as_list(images)
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        self._require("itm", "match_matrix")
+        images = _image_list(images)
+        texts = self._texts(texts)
         pairs_images = [image for image in images for _ in texts]
         pairs_texts = [text for _ in images for text in texts]
-        return self.match(pairs_images, pairs_texts).reshape(len(images), len(texts))
+        logits = self._match_logits(pairs_images, pairs_texts)
+        return _match_probability(logits).reshape(len(images), len(texts))
 
     # ---------------------------------------------------------------- retrieval
 
@@ -412,15 +465,13 @@ class Predictor:
           candidates: texts per query that ITM re-scores after the ITC search.
           rerank: re-score with ITM (needs the itm head); False ranks by ITC.
         """
-        gallery = (
-            texts
-            if isinstance(texts, Gallery)
-            else self._cached_gallery(
-                "text", [texts] if isinstance(texts, str) else list(texts)
-            )
-        )
+        _check_counts(k=k, candidates=candidates)
+        if isinstance(texts, Gallery):
+            gallery = texts
+        else:
+            gallery = self._cached_gallery("text", _gallery_items(texts, "texts"))
         _check_kind(gallery, "text", "retrieve_texts")
-        queries = _as_list(images)
+        queries = _image_list(images)
         query_embeds = (
             self.encode_images(queries) if gallery.embeddings.shape[1] else None
         )
@@ -441,15 +492,15 @@ class Predictor:
 
         The arguments mirror `retrieve_texts`, with texts as the queries.
         """
-        gallery = (
-            images
-            if isinstance(images, Gallery)
-            else self._cached_gallery("image", _as_list(images))
-        )
+        _check_counts(k=k, candidates=candidates)
+        if isinstance(images, Gallery):
+            gallery = images
+        else:
+            gallery = self._cached_gallery("image", _gallery_items(images, "images"))
         _check_kind(gallery, "image", "retrieve_images")
-        queries = [texts] if isinstance(texts, str) else list(texts)
+        queries = self._texts(texts)
         query_embeds = (
-            self.encode_texts(queries) if gallery.embeddings.shape[1] else None
+            self._encode_texts(queries) if gallery.embeddings.shape[1] else None
         )
         return self._retrieve(
             queries, query_embeds, gallery, k, candidates, rerank, images_first=False
@@ -466,17 +517,23 @@ class Predictor:
         *,
         images_first: bool,
     ) -> list[list[Match]]:
-        if k < 1 or candidates < 1:
-            raise ValueError(
-                f"k and candidates must be at least 1, got k={k}, candidates={candidates}."
-            )
         if not len(gallery):
             raise ValueError("the gallery is empty; index at least one item.")
+        if "itc" not in self.heads and "itm" not in self.heads:
+            raise ValueError(
+                f"retrieval needs the itc or itm head, but this model has "
+                f"{'+'.join(self.heads)}."
+            )
         k = min(k, len(gallery))
+        if rerank and "itm" not in self.heads:
+            logger.info("No ITM head: ranking by ITC similarity without re-ranking.")
         rerank = rerank and "itm" in self.heads
         if query_embeds is None:
             if not rerank:
-                self._require("itc", "retrieval without ITM")
+                raise ValueError(
+                    "rerank=False ranks by ITC similarity, but this model has no itc "
+                    "head; pass rerank=True to score every pair with ITM."
+                )
             logger.warning(
                 "No ITC head: scoring all %d x %d pairs with ITM.",
                 len(queries),
@@ -497,9 +554,9 @@ class Predictor:
             ]
             pair_items = [gallery.items[i] for row in shortlist for i in row]
             if images_first:
-                logits = self.match_logits(pair_queries, pair_items)
+                logits = self._match_logits(pair_queries, pair_items)
             else:
-                logits = self.match_logits(pair_items, pair_queries)
+                logits = self._match_logits(pair_items, pair_queries)
             logits = logits.reshape(*shortlist.shape, 2)
 
         results = []
@@ -548,21 +605,27 @@ class Predictor:
           probable first.
         """
         self._require("mlm", "fill_mask")
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}.")
-        images, texts = _pairs(_as_list(images), texts)
+        _check_counts(top_k=top_k)
+        images, texts = _pairs(_image_list(images), self._texts(texts))
         tokenizer = self.processor.tokenizer
         mask_id = tokenizer.mask_token_id
         results = []
         for part in self._batches(len(texts), "Filling masks"):
             ids, mask = self._tokens(texts[part])
-            for row, text in zip(ids, texts[part], strict=True):
-                if mask_id not in row:
-                    raise ValueError(
-                        f"text {text!r} has no {tokenizer.mask_token} token; write one "
-                        "where the model should predict a word."
-                    )
-            pixels = self._pixels(images[part])
+            for offset, (row, text) in enumerate(zip(ids, texts[part], strict=True)):
+                if mask_id in row:
+                    continue
+                where = (
+                    f"past the {self.max_text_length}-token limit, where it was cut off"
+                    if tokenizer.mask_token in text
+                    else f"anywhere; write {tokenizer.mask_token} where the model "
+                    "should predict a word"
+                )
+                raise ValueError(
+                    f"text {part.start + offset} ({preview_text(text)!r}) has no "
+                    f"{tokenizer.mask_token} token {where}."
+                )
+            pixels = self._pixels(images[part], part.start)
             top_k = min(top_k, len(tokenizer))
             probabilities, token_ids = self._run(
                 "mlm", len(ids), ids, mask, pixels, top_k=top_k
@@ -570,45 +633,94 @@ class Predictor:
             for row in range(len(ids)):
                 results.append(
                     self._mask_predictions(
-                        ids[row], probabilities[row], token_ids[row], mask_id
+                        ids[row][mask[row] == 1],
+                        probabilities[row],
+                        token_ids[row],
+                        mask_id,
                     )
                 )
         return results
 
     def _mask_predictions(self, ids, probabilities, token_ids, mask_id):
+        """Build the predictions of each mask in `ids` (the unpadded tokens)."""
         tokenizer = self.processor.tokenizer
-        length = int((ids != self._pad_id).sum())
-        positions = np.flatnonzero(ids[:length] == mask_id)
+        # Decoding drops <s> and </s> but keeps the other masks and any <pad> text.
+        bounds = {tokenizer.cls_token_id, tokenizer.sep_token_id}
         predictions = []
-        for position in positions:
+        for position in np.flatnonzero(ids == mask_id):
             options = []
             for probability, token_id in zip(
                 probabilities[position], token_ids[position], strict=True
             ):
-                filled = ids[:length].copy()
+                filled = ids.copy()
                 filled[position] = token_id
+                kept = [int(t) for t in filled if t not in bounds]
                 options.append(
                     MaskPrediction(
                         token_id=int(token_id),
                         token=tokenizer.decode([int(token_id)]),
                         probability=float(probability),
-                        sequence=tokenizer.decode(filled, skip_special_tokens=True),
+                        sequence=tokenizer.decode(kept),
                     )
                 )
             predictions.append(options)
         return predictions
 
 
-def _as_list(images) -> list:
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
+def _image_list(images) -> list:
+    """Turn one image, a list, a generator or a 4-D batch into a list of images."""
+    if isinstance(images, (str, os.PathLike, bytes)):
+        return [images]
+    if hasattr(images, "ndim") and hasattr(images, "__array__"):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Iterable) and not hasattr(images, "getexif"):
+        images = list(images)
+        if not images:
+            raise ValueError("no images given; pass at least one image.")
+        return images
     return [images]
 
 
-def _fingerprint(items: list) -> str:
-    """Hash the content of images or texts, to recognise a gallery seen before."""
+def _gallery_items(items, kind: str) -> list:
+    items = [items] if isinstance(items, str) else list(items)
+    if not items:
+        raise ValueError(f"the gallery is empty; pass at least one of the {kind}.")
+    return items
+
+
+def _check_counts(**values) -> None:
+    for name, value in values.items():
+        _check_count(name, value)
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_image_size(image_processor, image_size: int) -> None:
+    """Reject preprocessing whose output the model cannot take."""
+    if not image_processor.do_center_crop:
+        raise ValueError(
+            "the Predictor needs do_center_crop=True: the model takes images of "
+            f"exactly {image_size}x{image_size} pixels."
+        )
+    if image_processor.crop_shape != (image_size, image_size):
+        height, width = image_processor.crop_shape
+        raise ValueError(
+            f"the image processor crops to {height}x{width} but the model takes "
+            f"{image_size}x{image_size} images; set crop_size to {image_size} in "
+            "preprocessor_config.json, or pass crop_size="
+            f"{image_size} to Predictor.from_pretrained."
+        )
+
+
+def _fingerprint(items: list) -> str | None:
+    """Hash the content of images or texts, to recognise a gallery seen before.
+
+    Returns None when an item's content cannot be read, and the gallery is then
+    not cached.
+    """
     digest = hashlib.sha1()
     for item in items:
         if isinstance(item, str | os.PathLike):
@@ -621,14 +733,15 @@ def _fingerprint(items: list) -> str:
             digest.update(b"path:" + os.fsencode(item) + version.encode())
         elif isinstance(item, bytes):
             digest.update(b"bytes:" + item)
-        elif isinstance(item, np.ndarray):
-            digest.update(f"array:{item.shape}:{item.dtype}:".encode())
-            digest.update(np.ascontiguousarray(item).tobytes())
-        elif hasattr(item, "tobytes") and hasattr(item, "mode"):  # a PIL image
+        elif hasattr(item, "getexif"):  # a PIL image
             digest.update(f"pil:{item.size}:{item.mode}:".encode())
             digest.update(item.tobytes())
+        elif hasattr(item, "__array__"):  # NumPy, JAX and PyTorch arrays
+            array = np.asarray(item)
+            digest.update(f"array:{array.shape}:{array.dtype}:".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
         else:
-            digest.update(f"object:{id(item)}".encode())
+            return None
         digest.update(b"\0")
     return digest.hexdigest()
 
@@ -641,8 +754,8 @@ def _pairs(images: list, texts: str | Sequence[str]) -> tuple[list, list[str]]:
         texts = texts * len(images)
     if len(images) != len(texts):
         raise ValueError(
-            f"got {len(images)} images and {len(texts)} texts; pass one image per "
-            "text, or a single image or text to pair with all of the other."
+            f"got {len(images)} image(s) and {len(texts)} text(s); pass one image "
+            "per text, or a single image or text to pair with all of the other."
         )
     if not texts:
         raise ValueError("no image-text pairs given.")

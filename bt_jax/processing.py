@@ -104,6 +104,8 @@ def load_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
                 "and pass its path."
             )
         path = Path(text)
+        if path.is_dir():
+            raise ImageFileError(f"{path} is a directory, not an image file.")
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
         name, stream = str(path), path
@@ -321,14 +323,30 @@ class BridgeTowerImageProcessor:
             setattr(self, name, values)
         if 0.0 in self.image_std:
             raise ValueError(f"image_std contains 0: {self.image_std}.")
-        self.resample = PIL.Image.Resampling(self.resample)
+        try:
+            self.resample = PIL.Image.Resampling(self.resample)
+        except ValueError:
+            raise ValueError(
+                f"resample={self.resample!r} is invalid; use a PIL resampling code, "
+                "e.g. 3 for bicubic as the BridgeTower checkpoints do."
+            ) from None
 
     @classmethod
     def from_dict(
         cls, values: dict[str, Any], **overrides
     ) -> BridgeTowerImageProcessor:
-        """Build from a transformers preprocessor config dict; unknown keys are ignored."""
+        """Build from a transformers preprocessor config dict.
+
+        Unknown keys in `values` (other processors' settings) are ignored; an
+        unknown override is a TypeError, since it is most likely a typo.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
+        misspelt = sorted(k for k in overrides if k not in fields)
+        if misspelt:
+            raise TypeError(
+                f"unknown image processor setting(s) {', '.join(misspelt)}; valid "
+                f"settings are {', '.join(sorted(fields))}."
+            )
         merged = {**values, **overrides}
         unknown = sorted(k for k in merged if k not in fields)
         if unknown:
@@ -426,7 +444,13 @@ class BridgeTowerImageProcessor:
         if isinstance(image, PIL.Image.Image):
             _warn_if_rotated(image, index)
             if self.do_convert_rgb:
-                return _composite_on_white(image)
+                try:
+                    return _composite_on_white(image)
+                except (OSError, ValueError) as err:
+                    raise ImageFileError(
+                        f"cannot convert image {index} (PIL mode {image.mode!r}) to "
+                        f"RGB: {err}. Convert it to RGB or L first."
+                    ) from None
             if image.mode != "RGB":
                 raise ValueError(
                     f"image {index} has PIL mode {image.mode!r}; pass RGB images or "
@@ -472,9 +496,12 @@ class BridgeTowerImageProcessor:
         return pixels
 
     def __call__(
-        self, images: ImageInput | Iterable[ImageInput]
+        self, images: ImageInput | Iterable[ImageInput], *, first_index: int = 0
     ) -> dict[str, np.ndarray]:
         """Preprocess one image or a list of them into a batch.
+
+        Error messages number the images from `first_index`, so a caller that
+        splits a long list into batches can report positions in the whole list.
 
         Returns:
           `{"pixel_values": (batch, height, width, 3) float32,
@@ -490,9 +517,10 @@ class BridgeTowerImageProcessor:
         # PIL images decode lazily and are not thread-safe, and a batch may repeat
         # one image object, so they are converted here, one at a time. Threads
         # then only decode files and resize.
+        indices = range(first_index, first_index + len(images))
         images = [
             self._to_rgb(image, i) if isinstance(image, PIL.Image.Image) else image
-            for i, image in enumerate(images)
+            for i, image in zip(indices, images, strict=True)
         ]
 
         def process(image, index):
@@ -503,9 +531,11 @@ class BridgeTowerImageProcessor:
         if self.num_workers > 1 and len(images) > 1:
             # PIL releases the GIL while decoding and resizing, so threads help.
             with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
-                arrays = list(pool.map(process, images, range(len(images))))
+                arrays = list(pool.map(process, images, indices))
         else:
-            arrays = [process(image, i) for i, image in enumerate(images)]
+            arrays = [
+                process(image, i) for i, image in zip(indices, images, strict=True)
+            ]
         return pad_batch(arrays) if self.do_pad else _stack_same_size(arrays)
 
 
@@ -769,7 +799,7 @@ class BridgeTowerProcessor:
         pad_to_multiple_of: int | None = None,
     ) -> dict[str, np.ndarray]:
         """Tokenise texts; see `__call__` for the arguments."""
-        texts = _check_texts(text)
+        texts = check_texts(text)
         limit = self._length_limit(max_length)
         kwargs = dict(
             padding=padding,
@@ -786,7 +816,7 @@ class BridgeTowerProcessor:
                     logger.warning(
                         "text %d (%r) has %d tokens; truncating it to %d.",
                         i,
-                        _preview(texts[i]),
+                        preview_text(texts[i]),
                         length,
                         limit,
                     )
@@ -798,7 +828,7 @@ class BridgeTowerProcessor:
             for i, length in enumerate(lengths):
                 if length > limit:
                     raise ValueError(
-                        f"text {i} ({_preview(texts[i])!r}) has {length} tokens, more "
+                        f"text {i} ({preview_text(texts[i])!r}) has {length} tokens, more "
                         f"than the limit of {limit}; shorten it or pass truncation=True."
                     )
         if truncation or (padding == "max_length" and max_length is None):
@@ -827,7 +857,8 @@ class BridgeTowerProcessor:
         return max_length
 
 
-def _check_texts(text: str | Sequence[str]) -> list[str]:
+def check_texts(text: str | Sequence[str]) -> list[str]:
+    """Return the texts as a list; raise for a non-string or an empty text."""
     texts = [text] if isinstance(text, str) else list(text)
     if not texts:
         raise ValueError("no texts given; pass at least one text.")
@@ -836,12 +867,13 @@ def _check_texts(text: str | Sequence[str]) -> list[str]:
             raise TypeError(f"text {i} is a {type(value).__name__}, not a str.")
         if not value.strip():
             raise ValueError(
-                f"text {i} is empty ({value!r}); pass a sentence, or drop the pair."
+                f"text {i} is empty ({value!r}); pass a sentence, or leave it out."
             )
     return texts
 
 
-def _preview(text: str, width: int = 40) -> str:
+def preview_text(text: str, width: int = 40) -> str:
+    """Shorten a text for log and error messages."""
     return text if len(text) <= width else text[: width - 3] + "..."
 
 

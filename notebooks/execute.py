@@ -3,7 +3,8 @@
 Usage: python notebooks/execute.py NOTEBOOK OUTPUT [--cwd DIR]
 
 The notebook runs in a Jupyter kernel of this interpreter, in DIR (default: the
-folder of OUTPUT), so relative paths in it resolve there. Environment variables
+folder of OUTPUT), so relative paths in it resolve there; the kernel imports
+bt_jax from this checkout. Environment variables
 pass through, for example BT_JAX_CHECKPOINT and BT_JAX_FIGURE for the
 quickstart. The exit status is 1, with the failing cell's traceback, when a cell
 raises.
@@ -12,6 +13,7 @@ raises.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cwd", type=Path, help="working directory of the kernel")
     args = parser.parse_args(argv)
 
+    # The kernel runs in another folder; put this checkout first on its path so
+    # that it imports the bt_jax next to this script, not another installed copy.
+    repo = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [repo, *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
     notebook = nbformat.read(args.notebook, as_version=4)
     cwd = (args.cwd or args.output.parent).resolve()
     cwd.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from transformers.image_utils import load_image as reference_load_image
 from transformers.models.bridgetower.image_processing_pil_bridgetower import (
     BridgeTowerImageProcessorPil,
@@ -358,9 +359,27 @@ def test_itm_only_retrieval_scores_every_pair(
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda p, img: p.match([img, img], ["a", "b", "c"]), "2 images and 3 texts"),
+        (
+            lambda p, img: p.match([img, img], ["a", "b", "c"]),
+            "2 image\\(s\\) and 3 text\\(s\\)",
+        ),
         (lambda p, img: p.fill_mask(img, "no mask here"), "has no <mask> token"),
-        (lambda p, img: p.retrieve_texts(img, ["a cat"], k=0), "k and candidates"),
+        (lambda p, img: p.retrieve_texts(img, ["a cat"], k=0), "k must be a positive"),
+        (
+            lambda p, img: p.retrieve_texts(img, ["a cat"], k=2.5),
+            "k must be a positive",
+        ),
+        (lambda p, img: p.retrieve_texts(img, []), "the gallery is empty"),
+        (lambda p, img: p.encode_texts([]), "no texts given"),
+        (lambda p, img: p.encode_images([]), "no images given"),
+        (
+            lambda p, img: p.similarity(p.index_texts(["a"]), p.index_texts(["b"])),
+            "searches a image gallery|holds texts",
+        ),
+        (
+            lambda p, img: p.fill_mask(img, "word " * 100 + "a <mask>"),
+            "past the 62-token limit",
+        ),
         (lambda p, img: p.match(img, "   "), "text 0 is empty"),
         (
             lambda p, img: p.retrieve_texts(
@@ -383,6 +402,57 @@ def test_predictor_without_head_names_it(checkpoint, photos):
         itm_only.similarity(photos[0].path(), "a cat")
     with pytest.raises(ValueError, match="needs the mlm head"):
         itm_only.fill_mask(photos[0].path(), "a <mask>")
+
+
+def test_error_names_position_in_whole_list(predictor, photos):
+    images = [photos[i % len(photos)].path() for i in range(20)]
+    images[18] = np.zeros((40, 40, 3), np.float32)  # float pixels are rejected
+    with pytest.raises(ValueError, match="image 18 is a float32 array"):
+        predictor.encode_images(images)
+
+
+def test_long_query_warns_once(predictor, photos, caplog):
+    long_text = "a cat " * 100
+    images = [photo.path() for photo in photos[:5]]
+    with caplog.at_level(logging.WARNING, logger="bt_jax.inference"):
+        predictor.retrieve_images(long_text, images, k=2, candidates=4)
+    assert caplog.text.count("truncating") == 1
+
+
+def test_fill_mask_sequence_keeps_other_masks(predictor, photos):
+    mask = predictor.processor.mask_token
+    (per_mask,) = predictor.fill_mask(photos[0].path(), f"a {mask} on a {mask}")
+    first, second = per_mask[0][0], per_mask[1][0]
+    assert first.sequence.count(mask) == 1
+    assert second.sequence.count(mask) == 1
+    assert first.sequence.startswith("a")
+
+
+def test_predictor_accepts_batch_arrays(predictor, photos):
+    pixels = np.stack(
+        [
+            np.asarray(Image.open(p.path()).convert("RGB").resize((80, 60)))
+            for p in photos[:3]
+        ]
+    )
+    from_numpy = predictor.encode_images(pixels)
+    from_torch = predictor.encode_images(torch.from_numpy(pixels))
+    from_generator = predictor.encode_images(iter(list(pixels)))
+    assert from_numpy.shape == (3, 16)
+    np.testing.assert_array_equal(from_torch, from_numpy)
+    np.testing.assert_array_equal(from_generator, from_numpy)
+
+
+def test_predictor_rejects_unknown_setting(checkpoint):
+    directory, _ = checkpoint
+    with pytest.raises(TypeError, match="pipline"):
+        Predictor.from_pretrained(directory, pipline="original")
+
+
+def test_predictor_rejects_crop_model_mismatch(checkpoint):
+    directory, _ = checkpoint
+    with pytest.raises(ValueError, match="crops to 48x48 but the model takes 64x64"):
+        Predictor.from_pretrained(directory, crop_size=48)
 
 
 def test_predictor_without_tokenizer_raises(checkpoint, tmp_path):
