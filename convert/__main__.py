@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 
 HEADS = ("model", "mlm", "itm", "itc")
 MULTI_HEADS = ("mlm", "itm", "itc")
@@ -172,6 +173,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_background_errors() -> None:
+    """Log errors raised in background threads at DEBUG instead of printing them.
+
+    After a failed Orbax read, TensorStore's callbacks can still fire on an
+    asyncio loop that is already closed, and the resulting RuntimeError
+    tracebacks would interleave with the one-line error message. The main
+    thread's own errors are still reported as before.
+    """
+    logger = logging.getLogger("convert")
+    main_thread = threading.main_thread()
+    default_excepthook = sys.excepthook
+
+    def thread_hook(args):
+        logger.debug(
+            "error in background thread %s",
+            getattr(args.thread, "name", "?"),
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
+
+    def except_hook(exc_type, exc_value, exc_traceback):
+        if threading.current_thread() is main_thread:
+            default_excepthook(exc_type, exc_value, exc_traceback)
+        else:
+            logger.debug(
+                "error in a background thread",
+                exc_info=(exc_type, exc_value, exc_traceback),
+            )
+
+    def unraisable_hook(unraisable):
+        logger.debug("ignored error: %s", unraisable.exc_value)
+
+    threading.excepthook = thread_hook
+    sys.excepthook = except_hook
+    sys.unraisablehook = unraisable_hook
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our own stages log at INFO; Orbax and absl log every file operation at INFO,
@@ -186,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(
             logging.DEBUG if args.verbose else logging.INFO
         )
+    _quiet_background_errors()
     # Imported here so that `--help` returns without loading JAX.
     from convert import commands
 
