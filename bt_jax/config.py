@@ -507,9 +507,10 @@ class BridgeTowerConfig:
     def with_head(self, head: str) -> BridgeTowerConfig:
         """Return a copy whose `architectures` names the class for `head`.
 
-        A multi-head name such as "mlm+itm+itc" has no transformers class; it gets
-        the class of its last head (ITC, else ITM), as the hub's
-        bridgetower-large-itm-mlm-itc checkpoint, which stores all three, does.
+        A multi-head name such as "mlm+itm+itc" has no transformers class, so it
+        gets the class of its last head (ITC, else ITM). The hub's
+        bridgetower-large-itm-mlm-itc checkpoint stores all three heads and names
+        the ITC class in the same way.
         """
         if "+" in head:
             head = head.rsplit("+", 1)[1]

@@ -2,9 +2,9 @@
 
 `Predictor` wraps a model and its processor. It takes raw inputs (PIL images,
 arrays, file paths, strings), preprocesses them on the host, and runs jitted
-functions on batches padded to a few bucketed shapes: the batch to a power of
-two up to `batch_size`, and the text length to a power of two from 16 up to the
-model's limit. So calls with other numbers of inputs or other text lengths
+functions on batches padded to a few bucketed shapes. The batch is padded to a
+power of two up to `batch_size`, and the text length to a power of two from 16
+up to the model's limit. So calls with other numbers of inputs or other text lengths
 inside a bucket reuse compiled code instead of compiling again.
 
 Retrieval works as the original BridgeTower evaluation does: contrastive (ITC)
@@ -260,19 +260,7 @@ class Predictor:
         many images is reported once, by its position in `texts`.
         """
         texts = check_texts(texts if isinstance(texts, str) else list(texts))
-        lengths = [
-            len(ids)
-            for ids in self.processor.tokenizer(texts, padding=False)["input_ids"]
-        ]
-        for i, length in enumerate(lengths):
-            if length > self.max_text_length:
-                logger.warning(
-                    "text %d (%r) has %d tokens; truncating it to %d.",
-                    i,
-                    preview_text(texts[i]),
-                    length,
-                    self.max_text_length,
-                )
+        self.processor.warn_long_texts(texts, self.max_text_length)
         return texts
 
     def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -774,7 +762,7 @@ def _gallery_ids(items: list, ids: Sequence[str] | None) -> list[str]:
 def _check_kind(gallery: Gallery, kind: str, task: str) -> None:
     if gallery.kind != kind:
         raise ValueError(
-            f"{task} searches a {kind} gallery, but this one holds {gallery.kind}s."
+            f"{task} expects a gallery of {kind}s, but this one contains {gallery.kind}s."
         )
 
 

@@ -152,9 +152,9 @@ def resize_shape(
 ) -> tuple[int, int]:
     """Return transformers' BridgeTower resize target for an image of this size.
 
-    The short side becomes `shorter` and the long side keeps the aspect ratio but
-    at most `int(1333 / 800 * shorter)`; both are rounded, then floored to a
-    multiple of `size_divisor`.
+    The short side becomes `shorter`, and the long side keeps the aspect ratio up
+    to at most `int(1333 / 800 * shorter)`. Both are then rounded and floored to
+    a multiple of `size_divisor`.
     """
     longer = int(LONG_SIDE_RATIO * shorter)
     scale = shorter / min(height, width)
@@ -166,9 +166,9 @@ def resize_shape(
         scale = longer / max(new_height, new_width)
         new_height, new_width = scale * new_height, scale * new_width
     new_height, new_width = int(new_height + 0.5), int(new_width + 0.5)
-    # NOTE: beyond an aspect ratio of about 15:1 the short side floors to 0 and
-    # transformers raises an unrelated error about `size`; here it stays one
-    # `size_divisor` long instead, and the center crop pads the rest.
+    # NOTE: beyond an aspect ratio of about 15:1 the short side floors to 0, and
+    # transformers then raises an unrelated error about `size`. Here that side
+    # stays one `size_divisor` long instead, and the center crop pads the rest.
     return (
         max(new_height // size_divisor, 1) * size_divisor,
         max(new_width // size_divisor, 1) * size_divisor,
@@ -808,24 +808,9 @@ class BridgeTowerProcessor:
             return_attention_mask=True,
         )
         if truncation is None and limit is not None:
-            lengths = [
-                len(ids) for ids in self.tokenizer(texts, padding=False)["input_ids"]
-            ]
-            for i, length in enumerate(lengths):
-                if length > limit:
-                    logger.warning(
-                        "text %d (%r) has %d tokens; truncating it to %d.",
-                        i,
-                        preview_text(texts[i]),
-                        length,
-                        limit,
-                    )
-            truncation = any(length > limit for length in lengths)
+            truncation = self.warn_long_texts(texts, limit)
         elif truncation is False and limit is not None:
-            lengths = [
-                len(ids) for ids in self.tokenizer(texts, padding=False)["input_ids"]
-            ]
-            for i, length in enumerate(lengths):
+            for i, length in enumerate(self.token_lengths(texts)):
                 if length > limit:
                     raise ValueError(
                         f"text {i} ({preview_text(texts[i])!r}) has {length} tokens, more "
@@ -844,6 +829,27 @@ class BridgeTowerProcessor:
                 "the texts have different lengths and padding is off; pass "
                 "padding=True to batch them."
             ) from None
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Return the token count of each text, special tokens included."""
+        return [
+            len(ids) for ids in self.tokenizer(list(texts), padding=False)["input_ids"]
+        ]
+
+    def warn_long_texts(self, texts: Sequence[str], limit: int) -> bool:
+        """Log a warning for each text longer than `limit` tokens; return whether any is."""
+        too_long = False
+        for i, length in enumerate(self.token_lengths(texts)):
+            if length > limit:
+                too_long = True
+                logger.warning(
+                    "text %d (%r) has %d tokens; truncating it to %d.",
+                    i,
+                    preview_text(texts[i]),
+                    length,
+                    limit,
+                )
+        return too_long
 
     def _length_limit(self, max_length: int | None) -> int | None:
         model_limit = self.max_text_length

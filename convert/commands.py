@@ -150,8 +150,8 @@ def init_random(args: argparse.Namespace) -> None:
     logger.info("Wrote %s", args.out)
 
 
-# A byte-level BPE vocabulary holds 256 byte tokens and 5 special tokens before
-# any merge; a few dozen merges make it useful.
+# A byte-level BPE vocabulary contains 256 byte tokens and 5 special tokens
+# before any merge, and it needs a few dozen merges to be useful.
 MIN_BPE_VOCAB = 300
 
 

@@ -3,7 +3,7 @@
 Usage: python notebooks/execute.py NOTEBOOK OUTPUT [--cwd DIR]
 
 The notebook runs in a Jupyter kernel of this interpreter, in DIR (default: the
-folder of OUTPUT), so relative paths in it resolve there; the kernel imports
+folder of OUTPUT), so relative paths in it resolve there. The kernel imports
 bt_jax from this checkout. Environment variables
 pass through, for example BT_JAX_CHECKPOINT and BT_JAX_FIGURE for the
 quickstart. The exit status is 1, with the failing cell's traceback, when a cell
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cwd", type=Path, help="working directory of the kernel")
     args = parser.parse_args(argv)
 
-    # The kernel runs in another folder; put this checkout first on its path so
-    # that it imports the bt_jax next to this script, not another installed copy.
+    # The kernel runs in another folder. This checkout goes first on its path, so
+    # it imports the bt_jax next to this script rather than an installed copy.
     repo = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [repo, *filter(None, [os.environ.get("PYTHONPATH")])]

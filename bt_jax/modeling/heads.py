@@ -3,7 +3,7 @@
 Each `BridgeTowerFor*` class contains the backbone as `bridgetower` and its head
 under the reference's attribute name, so parameter paths match the state-dict
 keys of the matching transformers class. `BridgeTowerForPreTraining` has no
-transformers counterpart: it holds several heads under those same names.
+transformers counterpart: it contains several heads under those same names.
 """
 
 from __future__ import annotations
@@ -467,8 +467,8 @@ class BridgeTowerForPreTraining(_ContrastiveEncoders, _HeadModel):
         matching single-head class on the same weights.
         """
         del pixel_mask
-        wanted = self.heads if heads is None else parse_heads(heads)
-        missing = [head for head in wanted if head not in self.heads]
+        requested = self.heads if heads is None else parse_heads(heads)
+        missing = [head for head in requested if head not in self.heads]
         if missing:
             raise ValueError(
                 f"this model has no {'+'.join(missing)} head (it has "
@@ -482,11 +482,11 @@ class BridgeTowerForPreTraining(_ContrastiveEncoders, _HeadModel):
             dropout_rng,
         )
         outputs = {}
-        if "mlm" in wanted:
+        if "mlm" in requested:
             outputs["mlm_logits"] = self._mlm_logits(trace)
-        if "itm" in wanted:
+        if "itm" in requested:
             outputs["itm_logits"] = self.itm_score(trace.pooler_output)
-        if "itc" in wanted:
+        if "itc" in requested:
             text, image, cross = self._contrastive_embeds(trace)
             outputs.update(text_embeds=text, image_embeds=image, cross_embeds=cross)
         return PreTrainingOutput(
