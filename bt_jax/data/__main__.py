@@ -1,0 +1,152 @@
+"""Command line: `python -m bt_jax.data {build,stats} ...`.
+
+build FORMAT SOURCE --out DIR   build an ArrayRecord dataset from local files
+                                and print its statistics
+stats DATASET                   print the statistics of a built dataset
+
+Formats and the source layouts they read:
+  coco      annotations/captions_{split}{year}.json + {split}{year}/ images
+  karpathy  dataset_coco.json or dataset_flickr30k.json + the image folders
+  jsonl     SPLIT.jsonl files of {"image": path, "caption": text} lines
+  vqa       v2_OpenEnded_mscoco_{split}2014_questions.json,
+            v2_mscoco_{split}2014_annotations.json + {split}2014/ images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bt_jax.data import builders
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bt_jax.data",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="build a dataset from local files")
+    build.add_argument("format", choices=sorted(builders.BUILDERS))
+    build.add_argument("source", type=Path, help="folder in the format's layout")
+    build.add_argument(
+        "--out", type=Path, required=True, help="TFDS data folder to write into"
+    )
+    build.add_argument("--overwrite", action="store_true", help="rebuild if present")
+    build.add_argument(
+        "--no-verify-images",
+        dest="verify_images",
+        action="store_false",
+        help="only check that image files exist and are not empty (faster; "
+        "corrupt images are then skipped while training)",
+    )
+    build.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="image-reading threads (default: CPUs)",
+    )
+    build.add_argument(
+        "--answer-vocab",
+        type=Path,
+        help="vqa: JSON list of answers in label order (default: built from the "
+        "train and val annotations)",
+    )
+    build.add_argument(
+        "--min-answer-count",
+        type=int,
+        default=9,
+        help="vqa: how often an answer must occur to enter a built vocabulary",
+    )
+    _add_stats_options(build)
+
+    stats = commands.add_parser("stats", help="print a built dataset's statistics")
+    stats.add_argument("dataset", type=Path, help="built dataset folder")
+    _add_stats_options(stats)
+    return parser
+
+
+def _add_stats_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="checkpoint or tokenizer folder; text lengths are counted in its "
+        "tokens (default: in words)",
+    )
+    parser.add_argument(
+        "--max-text-length",
+        type=int,
+        default=50,
+        help="token limit used in training; the share of longer texts is reported",
+    )
+
+
+def _load_answer_vocab(path: Path) -> list[str]:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the answer vocabulary {path}: {err}") from None
+    if isinstance(vocab, dict):
+        # An answer -> label mapping, as ViLT-style code stores it.
+        vocab = [answer for answer, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if not isinstance(vocab, list) or not all(isinstance(a, str) for a in vocab):
+        raise ValueError(
+            f"{path} must hold a JSON list of answer strings in label order, or an "
+            "object mapping each answer to its label."
+        )
+    return vocab
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
+    # TFDS and absl log every file they write; keep the output to bt-jax's notes.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    import tensorflow_datasets as tfds
+
+    from bt_jax.data.build import build_dataset, dataset_statistics, format_statistics
+    from bt_jax.processing import load_tokenizer
+
+    # bt-jax shows its own progress bar per split.
+    tfds.disable_progress_bar()
+    try:
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        if args.command == "build":
+            vocab = _load_answer_vocab(args.answer_vocab) if args.answer_vocab else None
+            dataset = build_dataset(
+                args.format,
+                args.source,
+                args.out,
+                overwrite=args.overwrite,
+                verify_images=args.verify_images,
+                num_threads=args.threads,
+                answer_vocab=vocab,
+                min_answer_count=args.min_answer_count,
+            )
+        else:
+            dataset = args.dataset
+        stats = dataset_statistics(
+            dataset,
+            tokenizer=tokenizer,
+            max_text_length=args.max_text_length if tokenizer else None,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_statistics(stats))
+    if tokenizer is None:
+        print("(lengths in words; pass --tokenizer CHECKPOINT for token lengths)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

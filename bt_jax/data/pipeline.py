@@ -1,0 +1,423 @@
+"""Deterministic, checkpointable grain pipelines from built datasets to batches.
+
+One epoch visits every (image, text) pair once, as the reference pretraining
+does for COCO's five captions per image; `texts="one"` visits each image once
+with one of its texts drawn at random instead. The order of work is
+
+    pairs -> shuffle(seed, per epoch) -> repeat -> trim to whole global batches
+          -> load, decode, preprocess, tokenise, mask (seeded by position)
+          -> this host's slice -> drop invalid -> batch -> worker processes
+
+so an element's content depends only on its position in the global stream,
+and host `i` of `n` reads positions `i, i + n, ...`: the hosts' slices of one
+global batch are disjoint and together form it. Examples whose image cannot be
+decoded or whose text is empty are skipped, logged with their id, and counted
+by the iterator (`iterator.skipped`). The iterator's state (`get_state`,
+`set_state`, or Orbax through `grain.checkpoint.CheckpointSave`) resumes
+exactly at the next batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+from bt_jax.data.reading import Records
+from bt_jax.data.vqa import dense_targets
+from bt_jax.losses import IGNORE_INDEX
+from bt_jax.processing import (
+    BridgeTowerProcessor,
+    ImageFileError,
+    load_image,
+    pad_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_KEY = "_skipped"
+# Beyond this many log lines per reason the iterator only counts skips.
+MAX_LOGGED_SKIPS = 20
+
+
+def mask_tokens(
+    input_ids: np.ndarray,
+    special_mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply BERT-style masking for masked language modelling.
+
+    Each position that is not special (special tokens and padding) is selected
+    with `probability`. A selected token becomes `mask_token_id` 80% of the
+    time, a token drawn uniformly from the vocabulary 10% of the time, and
+    stays unchanged otherwise.
+
+    Returns:
+      `(masked_ids, labels)`: labels hold the original id at selected positions
+      and -100 elsewhere.
+    """
+    input_ids = np.asarray(input_ids)
+    selected = (rng.random(input_ids.shape) < probability) & ~special_mask.astype(bool)
+    labels = np.where(selected, input_ids, IGNORE_INDEX).astype(input_ids.dtype)
+    choice = rng.random(input_ids.shape)
+    random_ids = rng.integers(0, vocab_size, input_ids.shape, dtype=input_ids.dtype)
+    masked = np.where(selected & (choice < 0.8), mask_token_id, input_ids)
+    masked = np.where(selected & (choice >= 0.8) & (choice < 0.9), random_ids, masked)
+    return masked.astype(input_ids.dtype), labels
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """How a dataset becomes batches.
+
+    Attributes:
+      global_batch_size: examples per step over all hosts; each host gets
+        global_batch_size / shard_count of them.
+      max_text_length: texts are truncated and padded to this many tokens.
+      seed: fixes the shuffle, the text drawn in `texts="one"` mode and the
+        MLM masks.
+      num_epochs: passes over the data; None repeats forever.
+      shuffle: shuffle the pairs, differently in each epoch.
+      texts: "all" visits every (image, text) pair per epoch; "one" visits
+        every image once with a random one of its texts.
+      mlm_probability: share of text tokens selected for MLM; 0 turns the MLM
+        inputs off.
+      drop_remainder: drop a final partial batch so every batch has the same
+        shape (a global batch is never split between epochs' ends and hosts).
+      worker_count: grain worker processes (0 works in the calling process).
+      worker_buffer_size: batches each worker prepares ahead.
+    """
+
+    global_batch_size: int
+    max_text_length: int = 50
+    seed: int = 0
+    num_epochs: int | None = None
+    shuffle: bool = True
+    texts: Literal["all", "one"] = "all"
+    mlm_probability: float = 0.15
+    drop_remainder: bool = True
+    worker_count: int = 0
+    worker_buffer_size: int = 2
+
+    def __post_init__(self):
+        if self.global_batch_size < 1:
+            raise ValueError(
+                f"global_batch_size must be positive, got {self.global_batch_size}."
+            )
+        if self.max_text_length < 3:
+            raise ValueError(
+                f"max_text_length must leave room for text between <s> and </s>, "
+                f"got {self.max_text_length}."
+            )
+        if self.texts not in ("all", "one"):
+            raise ValueError(f'texts must be "all" or "one", got {self.texts!r}.')
+        if not 0.0 <= self.mlm_probability < 1.0:
+            raise ValueError(
+                f"mlm_probability must be in [0, 1), got {self.mlm_probability}."
+            )
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(
+                f"num_epochs must be positive or None, got {self.num_epochs}."
+            )
+        if self.worker_count < 0:
+            raise ValueError(f"worker_count must be >= 0, got {self.worker_count}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Invalid:
+    """An element that was skipped, with the id it is reported under."""
+
+    id: str
+    reason: str
+
+
+class _PairIndex(Sequence):
+    """Pair position -> (record index, text index); text index -1 means "draw one"."""
+
+    def __init__(self, texts_per_record: Sequence[int], mode: str):
+        counts = np.asarray(texts_per_record, np.int64)
+        if mode == "all":
+            self.records = np.repeat(np.arange(len(counts)), counts)
+            starts = np.cumsum(counts) - counts
+            self.texts = np.arange(counts.sum()) - np.repeat(starts, counts)
+        else:
+            self.records = np.flatnonzero(counts > 0)
+            self.texts = np.full(len(self.records), -1)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return int(self.records[index]), int(self.texts[index])
+
+
+class _ExampleTransform:
+    """(record, text) -> model inputs, or `Invalid`; picklable for worker processes."""
+
+    def __init__(
+        self, records: Records, processor: BridgeTowerProcessor, config: PipelineConfig
+    ):
+        self.records = records
+        self.image_processor = processor.image_processor
+        self.tokenizer = processor.tokenizer
+        self.config = config
+        self.special_ids = np.asarray(sorted(set(self.tokenizer.all_special_ids)))
+        self.mask_token_id = processor.mask_token_id if config.mlm_probability else 0
+        self.vocab_size = len(self.tokenizer)
+        self.answer_vocab = records.answer_vocab
+
+    def __call__(self, pair: tuple[int, int], rng: np.random.Generator):
+        record_index, text_index = pair
+        try:
+            record = self.records[record_index]
+        except Exception as err:  # a damaged record must not stop training
+            return Invalid(f"record {record_index}", f"invalid record: {err}")
+        texts = record["texts"]
+        if not texts:
+            return Invalid(record["id"], "no texts")
+        if text_index < 0:
+            text_index = int(rng.integers(len(texts)))
+        text_id = record["text_ids"][text_index]
+        text = texts[text_index].strip() if isinstance(texts[text_index], str) else ""
+        if not text:
+            return Invalid(text_id, "empty text")
+        try:
+            pixels = self.image_processor.process_one(load_image(record["image"]))
+        except (ImageFileError, ValueError, OSError) as err:
+            return Invalid(record["id"], f"corrupt image: {err}")
+        example = {
+            "pixel_values": pixels,
+            "record_index": np.int64(record_index),
+            "text_index": np.int32(text_index),
+            **self._tokenize(text, rng),
+        }
+        if self.answer_vocab is not None and "answer_counts" in record:
+            example.update(self._vqa_targets(record, text_index))
+        return example
+
+    def _tokenize(self, text: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        encoded = self.tokenizer(
+            text,
+            padding="max_length",
+            truncation=True,
+            max_length=self.config.max_text_length,
+            return_attention_mask=True,
+        )
+        input_ids = np.asarray(encoded["input_ids"], np.int32)
+        attention_mask = np.asarray(encoded["attention_mask"], np.int32)
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.config.mlm_probability:
+            special = np.isin(input_ids, self.special_ids) | (attention_mask == 0)
+            tokens["mlm_input_ids"], tokens["mlm_labels"] = mask_tokens(
+                input_ids,
+                special,
+                rng,
+                mask_token_id=self.mask_token_id,
+                vocab_size=self.vocab_size,
+                probability=self.config.mlm_probability,
+            )
+        return tokens
+
+    def _vqa_targets(self, record: dict, question: int) -> dict[str, np.ndarray]:
+        counts = record["answer_counts"]
+        start = int(sum(counts[:question]))
+        stop = start + int(counts[question])
+        return {
+            "question_id": np.int64(record["question_ids"][question]),
+            "vqa_targets": dense_targets(
+                record["answer_labels"][start:stop],
+                record["answer_scores"][start:stop],
+                len(self.answer_vocab),
+            ),
+        }
+
+
+class _DropInvalidIterator(grain.DatasetIterator):
+    """Drops `Invalid` elements and attaches them to the next valid element."""
+
+    def __next__(self):
+        skipped = []
+        while True:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                for item in skipped:
+                    # NOTE: skips after the last valid element of a finite stream
+                    # are logged here but not counted by the final iterator.
+                    logger.warning("skipped %s: %s", item.id, item.reason)
+                raise
+            if isinstance(element, Invalid):
+                skipped.append((element.id, element.reason))
+                continue
+            return {**element, SKIPPED_KEY: skipped}
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+class _DropInvalid(grain.IterDataset):
+    def __iter__(self):
+        return _DropInvalidIterator(self._parent.__iter__())
+
+
+def _batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    batch = {}
+    for key in examples[0]:
+        if key == SKIPPED_KEY:
+            batch[key] = [item for example in examples for item in example[key]]
+        elif key == "pixel_values":
+            padded = pad_batch([example[key] for example in examples])
+            batch["pixel_values"] = padded["pixel_values"]
+            batch["pixel_mask"] = padded["pixel_mask"]
+        else:
+            batch[key] = np.stack([example[key] for example in examples])
+    return batch
+
+
+class SkipCountingIterator(grain.DatasetIterator):
+    """The pipeline's iterator: yields array batches, counts skipped examples.
+
+    Attributes:
+      skipped: `(id, reason)` of every example skipped since this iterator was
+        created or restored, in stream order.
+      skipped_total: skips since the start of the stream; restored with the state.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator):
+        super().__init__(parent)
+        self.skipped: list[tuple[str, str]] = []
+        self.skipped_total = 0
+        self._logged = collections.Counter()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._parent)
+        skipped = batch.pop(SKIPPED_KEY)
+        for record_id, reason in skipped:
+            kind = reason.split(":")[0]
+            self._logged[kind] += 1
+            if self._logged[kind] <= MAX_LOGGED_SKIPS:
+                logger.warning("skipped %s: %s", record_id, reason)
+        self.skipped.extend(skipped)
+        self.skipped_total += len(skipped)
+        return batch
+
+    def get_state(self):
+        return {"pipeline": self._parent.get_state(), "skipped": self.skipped_total}
+
+    def set_state(self, state):
+        self._parent.set_state(state["pipeline"])
+        self.skipped_total = state["skipped"]
+
+
+class _CountSkips(grain.IterDataset):
+    def __iter__(self) -> SkipCountingIterator:
+        return SkipCountingIterator(self._parent.__iter__())
+
+
+def _mark_absl_flags_parsed() -> None:
+    # grain's worker processes read an absl flag; programs that never parse absl
+    # flags (every bt-jax entry point) would otherwise fail when workers start.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _default_shard() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def make_pipeline(
+    records: Records,
+    processor: BridgeTowerProcessor,
+    config: PipelineConfig,
+    *,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """Build the batch pipeline for one host.
+
+    Args:
+      records: the split to read (`bt_jax.data.open_records`).
+      processor: image preprocessing and tokenizer, as for inference.
+      config: batching, shuffling and masking.
+      shard_index, shard_count: this host's place among the hosts that share
+        each global batch; default `jax.process_index()` and
+        `jax.process_count()`.
+
+    Returns:
+      An iterable whose iterator (`SkipCountingIterator`) yields dicts of numpy
+      arrays: `pixel_values` (B, H, W, 3) float32, `pixel_mask` (B, H, W),
+      `input_ids` and `attention_mask` (B, T) int32, `mlm_input_ids` and
+      `mlm_labels` (B, T) when MLM is on, `record_index` and `text_index` (B,),
+      and for VQA `question_id` (B,) and `vqa_targets` (B, answers) float32.
+    """
+    if shard_index is None or shard_count is None:
+        shard_index, shard_count = _default_shard()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"shard_index must be in [0, {shard_count}), got {shard_index}."
+        )
+    if config.global_batch_size % shard_count:
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} is not divisible by "
+            f"{shard_count} data shards; use a multiple of {shard_count}."
+        )
+    if config.mlm_probability and processor.tokenizer.mask_token_id is None:
+        raise ValueError("the tokenizer has no mask token; set mlm_probability=0.")
+    host_batch = config.global_batch_size // shard_count
+
+    pairs = _PairIndex(records.texts_per_record(), config.texts)
+    if len(pairs) < config.global_batch_size and config.drop_remainder:
+        raise ValueError(
+            f"{records.split} has {len(pairs)} examples, fewer than one global "
+            f"batch of {config.global_batch_size}; lower global_batch_size."
+        )
+    logger.info(
+        "pipeline over %d examples of %s: %d per host batch, shard %d of %d",
+        len(pairs),
+        records.split,
+        host_batch,
+        shard_index,
+        shard_count,
+    )
+    dataset = grain.MapDataset.source(pairs)
+    if config.shuffle:
+        dataset = dataset.shuffle(seed=config.seed)
+    dataset = dataset.repeat(config.num_epochs)
+    if config.num_epochs is not None and config.drop_remainder:
+        whole = len(dataset) // config.global_batch_size * config.global_batch_size
+        dataset = dataset[:whole]
+    # Seeding by the global position keeps masks and draws independent of how
+    # many hosts read the stream.
+    dataset = dataset.random_map(
+        _ExampleTransform(records, processor, config), seed=config.seed
+    )
+    dataset = dataset[shard_index::shard_count]
+    stream = _DropInvalid(dataset.to_iter_dataset())
+    stream = stream.batch(
+        host_batch, drop_remainder=config.drop_remainder, batch_fn=_batch
+    )
+    if config.worker_count:
+        _mark_absl_flags_parsed()
+        stream = stream.mp_prefetch(
+            grain.multiprocessing.MultiprocessingOptions(
+                num_workers=config.worker_count,
+                per_worker_buffer_size=config.worker_buffer_size,
+            )
+        )
+    return _CountSkips(stream)
