@@ -390,9 +390,9 @@ def find_vqa_files(root: Path) -> dict[str, tuple[Path, Path | None, str]]:
 def collect_vqa_vocab_answers(root: Path) -> list[str]:
     """Return every multiple_choice_answer of the train and val annotations."""
     answers = []
-    for split, (_, annotations, _) in find_vqa_files(root).items():
-        if split in ("train", "val") and annotations is not None:
-            for annotation in _read_json(annotations).get("annotations", []):
+    for split, (_, annotations_path, _) in find_vqa_files(root).items():
+        if split in ("train", "val") and annotations_path is not None:
+            for annotation in _read_json(annotations_path).get("annotations", []):
                 if isinstance(annotation, dict) and isinstance(
                     annotation.get("multiple_choice_answer"), str
                 ):
@@ -420,11 +420,11 @@ def read_vqa(
             questions.get("questions"), list
         ):
             raise ValueError(f"{questions_path} has no 'questions' list.")
-        annotations = {}
+        by_question = {}
         if annotations_path is not None:
             for annotation in _read_json(annotations_path).get("annotations", []):
                 if isinstance(annotation, dict) and "question_id" in annotation:
-                    annotations[annotation["question_id"]] = annotation
+                    by_question[annotation["question_id"]] = annotation
         records: dict[str, SourceRecord] = {}
         seen = set()
         for entry in questions["questions"]:
@@ -451,7 +451,7 @@ def read_vqa(
                 continue
             human_answers: list[str] = []
             if annotations_path is not None:
-                annotation = annotations.get(question_id)
+                annotation = by_question.get(question_id)
                 raw = annotation.get("answers") if annotation else None
                 if not isinstance(raw, list) or not all(
                     isinstance(item, dict) and isinstance(item.get("answer"), str)

@@ -71,7 +71,7 @@ _ARTICLES = frozenset({"a", "an", "the"})
 # Contractions in their written form. The official table maps every spelling
 # that lost some of the apostrophes ("dont", "couldntve", "couldn'tve") back to
 # this form; `_contraction_table` derives those spellings.
-_CONTRACTIONS = (
+_CONTRACTIONS = (  # noqa: SIM905 (the word list reads better as text)
     "ain't aren't can't could've couldn't couldn't've didn't doesn't don't "
     "hadn't hadn't've hasn't haven't he'd he'd've he'll he's how'd how'll how's "
     "i'd i'd've i'll isn't it'd it'd've it'll it's let's ma'am mightn't "
