@@ -2,7 +2,8 @@
 #   make demo   build a random base-size checkpoint with transformers, convert it
 #               to bt-jax and print the parity report against PyTorch; then run
 #               the quickstart notebook on the bundled sample photos with a tiny
-#               random checkpoint and save its figure
+#               random checkpoint and save its figure; build the sample photos
+#               as a TFDS dataset and print its statistics
 #   make test   lint and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,6 +29,7 @@ demo: setup
 	$(BIN)/python -m convert verify $(DEMO_DIR)/pytorch --jax $(DEMO_DIR)/jax --text-length 40
 	$(BIN)/python -m convert init-random --config configs/sample.py --head mlm+itm+itc --processor --overwrite $(DEMO_DIR)/sample-pytorch
 	$(BIN)/python -m convert to-jax --overwrite $(DEMO_DIR)/sample-pytorch $(DEMO_DIR)/sample-jax
+	$(BIN)/python -m bt_jax.data samples $(DEMO_DIR)/data --tokenizer $(DEMO_DIR)/sample-jax --overwrite
 	BT_JAX_CHECKPOINT=$(abspath $(DEMO_DIR))/sample-jax BT_JAX_FIGURE=$(abspath $(DEMO_DIR))/quickstart.png \
 		$(BIN)/python notebooks/execute.py notebooks/quickstart.ipynb $(DEMO_DIR)/quickstart.ipynb
 

@@ -2,6 +2,8 @@
 
 build FORMAT SOURCE --out DIR   build an ArrayRecord dataset from local files
                                 and print its statistics
+samples OUT                     build the bundled sample photos and captions
+                                (split train) into OUT and print its statistics
 stats DATASET                   print the statistics of a built dataset
 
 Formats and the source layouts they read:
@@ -66,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stats_options(build)
 
+    samples = commands.add_parser(
+        "samples", help="build the bundled sample photos and captions as a dataset"
+    )
+    samples.add_argument(
+        "out", type=Path, help="folder for the source files and the dataset"
+    )
+    samples.add_argument("--overwrite", action="store_true", help="rebuild if present")
+    _add_stats_options(samples)
+
     stats = commands.add_parser("stats", help="print a built dataset's statistics")
     stats.add_argument("dataset", type=Path, help="built dataset folder")
     _add_stats_options(stats)
@@ -113,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow_datasets as tfds
 
-    from bt_jax.data.build import build_dataset, dataset_statistics, format_statistics
+    from bt_jax.data.build import (
+        build_dataset,
+        build_sample_dataset,
+        dataset_statistics,
+        format_statistics,
+    )
     from bt_jax.processing import load_tokenizer
 
     # bt-jax shows its own progress bar per split.
@@ -132,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 answer_vocab=vocab,
                 min_answer_count=args.min_answer_count,
             )
+        elif args.command == "samples":
+            dataset = build_sample_dataset(args.out, overwrite=args.overwrite)
         else:
             dataset = args.dataset
         stats = dataset_statistics(

@@ -72,16 +72,31 @@ def build_dataset(
         **kwargs,
     )
     target = Path(builder.data_dir)
+    previous = None
     if target.exists():
         if not overwrite:
             raise FileExistsError(
                 f"{target} already holds a built dataset; pass overwrite=True "
                 "(--overwrite) to rebuild it."
             )
-        shutil.rmtree(target)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(source))
-    )
+        # Keep the old dataset until the new one is complete.
+        previous = target.with_name(f".{target.name}.previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        target.rename(previous)
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(source))
+        )
+    except BaseException:
+        if previous is not None:
+            if target.exists():
+                shutil.rmtree(target)
+            previous.rename(target)
+            logger.warning("build failed; kept the previous dataset in %s", target)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous)
     total = len(builder.skips.entries)
     counts = builder.skips.counts()
     logger.info(
@@ -92,6 +107,21 @@ def build_dataset(
         f" ({counts})" if total else "",
     )
     return target
+
+
+def build_sample_dataset(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Build the bundled sample photos and captions as a JSON Lines dataset.
+
+    The source files go to `out/source` (`images/` and `train.jsonl`, one split
+    named train) and the dataset to `out/bt_image_text/VERSION`.
+    """
+    from bt_jax.samples import materialize
+
+    out = Path(out)
+    source = out / "source"
+    lines = materialize(source, overwrite=overwrite)
+    lines.replace(source / "train.jsonl")
+    return build_dataset("jsonl", source, out, overwrite=overwrite)
 
 
 def _percentiles(values: Sequence[int]) -> dict[str, float]:
@@ -126,12 +156,13 @@ def dataset_statistics(
         "path": str(directory),
         "format": metadata.get("format"),
         "length_unit": "tokens" if tokenizer is not None else "words",
+        "max_text_length": max_text_length,
         "splits": {},
     }
     if metadata.get("answer_vocab") is not None:
         result["answers"] = len(metadata["answer_vocab"])
     lengths_by_split = {}
-    for split in sorted(info.splits):
+    for split in sorted(info.splits, key=_split_order):
         records = open_records(directory, split)
         texts_per_image, texts = [], []
         for index in tqdm.trange(
@@ -163,6 +194,11 @@ def dataset_statistics(
     (directory / STATISTICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
     _plot_lengths(lengths_by_split, result["length_unit"], max_text_length, directory)
     return result
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    usual = ("train", "restval", "val", "validation", "test", "test_dev")
+    return (usual.index(split) if split in usual else len(usual), split)
 
 
 def _text_lengths(texts: list[str], tokenizer) -> list[int]:
@@ -228,7 +264,8 @@ def format_statistics(stats: dict[str, Any]) -> str:
         )
         if "truncated_share" in row:
             lines.append(
-                f"{'':<10} {row['truncated_share']:.1%} of texts over the limit"
+                f"{'':<10} {row['truncated_share']:.1%} of texts longer than "
+                f"{stats['max_text_length']} tokens (truncated in training)"
             )
     if stats.get("skipped_outside_splits"):
         lines.append(f"skipped outside any split: {stats['skipped_outside_splits']}")

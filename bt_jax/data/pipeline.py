@@ -258,7 +258,11 @@ class _DropInvalidIterator(grain.DatasetIterator):
             if isinstance(element, Invalid):
                 skipped.append((element.id, element.reason))
                 continue
-            return {**element, SKIPPED_KEY: skipped}
+            # A 0-d object array batches like the other fields (grain stacks
+            # each field) and carries the variable-length list through.
+            report = np.empty((), dtype=object)
+            report[()] = skipped
+            return {**element, SKIPPED_KEY: report}
 
     def get_state(self):
         return self._parent.get_state()
@@ -272,12 +276,11 @@ class _DropInvalid(grain.IterDataset):
         return _DropInvalidIterator(self._parent.__iter__())
 
 
-def _batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _pad_and_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch examples whose images differ in size (no center crop)."""
     batch = {}
     for key in examples[0]:
-        if key == SKIPPED_KEY:
-            batch[key] = [item for example in examples for item in example[key]]
-        elif key == "pixel_values":
+        if key == "pixel_values":
             padded = pad_batch([example[key] for example in examples])
             batch["pixel_values"] = padded["pixel_values"]
             batch["pixel_mask"] = padded["pixel_mask"]
@@ -303,7 +306,7 @@ class SkipCountingIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._parent)
-        skipped = batch.pop(SKIPPED_KEY)
+        skipped = [item for report in batch.pop(SKIPPED_KEY) for item in report]
         for record_id, reason in skipped:
             kind = reason.split(":")[0]
             self._logged[kind] += 1
@@ -361,8 +364,8 @@ def make_pipeline(
 
     Returns:
       An iterable whose iterator (`SkipCountingIterator`) yields dicts of numpy
-      arrays: `pixel_values` (B, H, W, 3) float32, `pixel_mask` (B, H, W),
-      `input_ids` and `attention_mask` (B, T) int32, `mlm_input_ids` and
+      arrays: `pixel_values` (B, H, W, 3) float32 (and `pixel_mask` (B, H, W)
+      when images are not center-cropped and get padded), `input_ids` and `attention_mask` (B, T) int32, `mlm_input_ids` and
       `mlm_labels` (B, T) when MLM is on, `record_index` and `text_index` (B,),
       and for VQA `question_id` (B,) and `vqa_targets` (B, answers) float32.
     """
@@ -409,8 +412,13 @@ def make_pipeline(
     )
     dataset = dataset[shard_index::shard_count]
     stream = _DropInvalid(dataset.to_iter_dataset())
+    # With a center crop every image has the same shape, and grain's own
+    # batching can write batches straight into shared memory for the workers.
+    fixed_size = processor.image_processor.do_center_crop
     stream = stream.batch(
-        host_batch, drop_remainder=config.drop_remainder, batch_fn=_batch
+        host_batch,
+        drop_remainder=config.drop_remainder,
+        batch_fn=None if fixed_size else _pad_and_batch,
     )
     if config.worker_count:
         _mark_absl_flags_parsed()
