@@ -1,4 +1,4 @@
-"""Command line: `python -m bt_jax.data {build,stats} ...`.
+"""Command line: `python -m bt_jax.data {build,samples,stats} ...`.
 
 build FORMAT SOURCE --out DIR   build an ArrayRecord dataset from local files
                                 and print its statistics

@@ -85,9 +85,19 @@ def build_dataset(
             shutil.rmtree(previous)
         target.rename(previous)
     try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(source))
-        )
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=str(source))
+            )
+        except AssertionError as err:
+            # TFDS asserts that every split has examples. A split whose image
+            # files all exist but none decodes ends up empty.
+            if "No examples were yielded" not in str(err):
+                raise
+            raise ValueError(
+                f"a split of {source} has no image that decodes ({err}); skipped: "
+                f"{builder.skips.counts()}. Fix or remove the broken images."
+            ) from None
     except BaseException:
         if previous is not None:
             if target.exists():

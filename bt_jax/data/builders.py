@@ -135,17 +135,28 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
             "skipped_ids": {},
             **self._extra_metadata(),
         }
-        # Skips that belong to no split (a Karpathy image with an unknown split).
-        self._record_skips("all")
         generators = {}
         for split, records in splits.items():
-            if records:
-                generators[split] = self._generate_examples(split, records)
+            # Missing files are cheap to find now. A split whose images are all
+            # missing is left out, because TFDS cannot write an empty split.
+            present = []
+            for record in records:
+                if record.image_path.is_file():
+                    present.append(record)
+                else:
+                    self.skips.add(
+                        split, record.id, f"missing image: {record.image_path}"
+                    )
+            if present:
+                generators[split] = self._generate_examples(split, present)
             else:
                 logger.warning(
                     "split %s has no usable records; it is not written", split
                 )
-                self._record_skips(split)
+        # Skips of splits that are not written, and of no split at all ("all":
+        # a Karpathy image with an unknown split), are recorded now.
+        for split in {entry.split for entry in self.skips.entries} - set(generators):
+            self._record_skips(split)
         if not generators:
             raise ValueError(
                 f"no usable records in {root}: {self.skips.counts()} skipped. "

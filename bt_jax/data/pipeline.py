@@ -6,7 +6,7 @@ with one of its texts drawn at random instead. The order of work is
 
     pairs -> shuffle(seed, per epoch) -> repeat -> trim to whole global batches
           -> load, decode, preprocess, tokenise, mask (seeded by position)
-          -> this host's slice -> drop invalid -> batch -> worker processes
+          -> this host's slice -> (worker processes) -> skip invalid -> batch
 
 so an element's content depends only on its position in the global stream,
 and host `i` of `n` reads positions `i, i + n, ...`: the hosts' slices of one
@@ -40,7 +40,6 @@ from bt_jax.processing import (
 
 logger = logging.getLogger(__name__)
 
-SKIPPED_KEY = "_skipped"
 # Beyond this many log lines per reason the iterator only counts skips.
 MAX_LOGGED_SKIPS = 20
 
@@ -94,7 +93,7 @@ class PipelineConfig:
       drop_remainder: drop a final partial batch so every batch has the same
         shape (a global batch is never split between epochs' ends and hosts).
       worker_count: grain worker processes (0 works in the calling process).
-      worker_buffer_size: batches each worker prepares ahead.
+      worker_buffer_size: examples each worker prepares ahead.
     """
 
     global_batch_size: int
@@ -106,7 +105,7 @@ class PipelineConfig:
     mlm_probability: float = 0.15
     drop_remainder: bool = True
     worker_count: int = 0
-    worker_buffer_size: int = 2
+    worker_buffer_size: int = 16
 
     def __post_init__(self):
         if self.global_batch_size < 1:
@@ -241,80 +240,75 @@ class _ExampleTransform:
         }
 
 
-class _DropInvalidIterator(grain.DatasetIterator):
-    """Drops `Invalid` elements and attaches them to the next valid element."""
-
-    def __next__(self):
-        skipped = []
-        while True:
-            try:
-                element = next(self._parent)
-            except StopIteration:
-                for item in skipped:
-                    # NOTE: skips after the last valid element of a finite stream
-                    # are logged here but not counted by the final iterator.
-                    logger.warning("skipped %s: %s", item.id, item.reason)
-                raise
-            if isinstance(element, Invalid):
-                skipped.append((element.id, element.reason))
-                continue
-            # A 0-d object array batches like the other fields (grain stacks
-            # each field) and carries the variable-length list through.
-            report = np.empty((), dtype=object)
-            report[()] = skipped
-            return {**element, SKIPPED_KEY: report}
-
-    def get_state(self):
-        return self._parent.get_state()
-
-    def set_state(self, state):
-        self._parent.set_state(state)
-
-
-class _DropInvalid(grain.IterDataset):
-    def __iter__(self):
-        return _DropInvalidIterator(self._parent.__iter__())
-
-
-def _pad_and_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch examples whose images differ in size (no center crop)."""
-    batch = {}
-    for key in examples[0]:
-        if key == "pixel_values":
-            padded = pad_batch([example[key] for example in examples])
-            batch["pixel_values"] = padded["pixel_values"]
-            batch["pixel_mask"] = padded["pixel_mask"]
-        else:
-            batch[key] = np.stack([example[key] for example in examples])
+def _stack(
+    examples: Sequence[dict[str, Any]], pad_images: bool
+) -> dict[str, np.ndarray]:
+    batch = {
+        key: np.stack([example[key] for example in examples])
+        for key in examples[0]
+        if key != "pixel_values" or not pad_images
+    }
+    if pad_images:
+        # Without a center crop, images differ in size: pad like the processor,
+        # which adds pixel_mask.
+        batch.update(pad_batch([example["pixel_values"] for example in examples]))
     return batch
 
 
 class SkipCountingIterator(grain.DatasetIterator):
-    """The pipeline's iterator: yields array batches, counts skipped examples.
+    """The pipeline's iterator: batches valid examples and counts skipped ones.
+
+    It runs in the calling process, after any worker processes, so batches are
+    the same whatever the worker count.
 
     Attributes:
       skipped: `(id, reason)` of every example skipped since this iterator was
         created or restored, in stream order.
-      skipped_total: skips since the start of the stream; restored with the state.
+      skipped_total: skips since the start of the stream, including those in a
+        dropped final partial batch; restored with the state.
     """
 
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        batch_size: int,
+        drop_remainder: bool,
+        pad_images: bool,
+    ):
         super().__init__(parent)
+        self.batch_size = batch_size
+        self.drop_remainder = drop_remainder
+        self.pad_images = pad_images
         self.skipped: list[tuple[str, str]] = []
         self.skipped_total = 0
         self._logged = collections.Counter()
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
-        skipped = [item for report in batch.pop(SKIPPED_KEY) for item in report]
-        for record_id, reason in skipped:
-            kind = reason.split(":")[0]
-            self._logged[kind] += 1
-            if self._logged[kind] <= MAX_LOGGED_SKIPS:
-                logger.warning("skipped %s: %s", record_id, reason)
-        self.skipped.extend(skipped)
-        self.skipped_total += len(skipped)
-        return batch
+        examples = []
+        while len(examples) < self.batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if examples and not self.drop_remainder:
+                    return _stack(examples, self.pad_images)
+                raise
+            if isinstance(element, Invalid):
+                self._skip(element)
+            else:
+                examples.append(element)
+        return _stack(examples, self.pad_images)
+
+    def _skip(self, element: Invalid) -> None:
+        kind = element.reason.split(":")[0]
+        self._logged[kind] += 1
+        if self._logged[kind] <= MAX_LOGGED_SKIPS:
+            logger.warning("skipped %s: %s", element.id, element.reason)
+        elif self._logged[kind] == MAX_LOGGED_SKIPS + 1:
+            logger.warning(
+                "more examples skipped for %r; counting without logging", kind
+            )
+        self.skipped.append((element.id, element.reason))
+        self.skipped_total += 1
 
     def get_state(self):
         return {"pipeline": self._parent.get_state(), "skipped": self.skipped_total}
@@ -324,9 +318,26 @@ class SkipCountingIterator(grain.DatasetIterator):
         self.skipped_total = state["skipped"]
 
 
-class _CountSkips(grain.IterDataset):
+class _Batches(grain.IterDataset):
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        batch_size: int,
+        drop_remainder: bool,
+        pad_images: bool,
+    ):
+        super().__init__(parent)
+        self.batch_size = batch_size
+        self.drop_remainder = drop_remainder
+        self.pad_images = pad_images
+
     def __iter__(self) -> SkipCountingIterator:
-        return SkipCountingIterator(self._parent.__iter__())
+        return SkipCountingIterator(
+            self._parent.__iter__(),
+            self.batch_size,
+            self.drop_remainder,
+            self.pad_images,
+        )
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -411,21 +422,20 @@ def make_pipeline(
         _ExampleTransform(records, processor, config), seed=config.seed
     )
     dataset = dataset[shard_index::shard_count]
-    stream = _DropInvalid(dataset.to_iter_dataset())
-    # With a center crop every image has the same shape, and grain's own
-    # batching can write batches straight into shared memory for the workers.
-    fixed_size = processor.image_processor.do_center_crop
-    stream = stream.batch(
-        host_batch,
-        drop_remainder=config.drop_remainder,
-        batch_fn=None if fixed_size else _pad_and_batch,
-    )
+    stream = dataset.to_iter_dataset()
     if config.worker_count:
         _mark_absl_flags_parsed()
+        # Workers prepare single examples. Grain hands worker w the positions
+        # w, w + W, ... and interleaves their outputs in turn, so the stream
+        # keeps its order and batches match a run without workers.
         stream = stream.mp_prefetch(
             grain.multiprocessing.MultiprocessingOptions(
                 num_workers=config.worker_count,
                 per_worker_buffer_size=config.worker_buffer_size,
             )
         )
-    return _CountSkips(stream)
+    # NOTE: skipped examples are not replaced, so with num_epochs set and broken
+    # records, hosts can reach the end of the data one batch apart. Multi-host
+    # training should use num_epochs=None and stop after a number of steps.
+    pad_images = not processor.image_processor.do_center_crop
+    return _Batches(stream, host_batch, config.drop_remainder, pad_images)

@@ -109,10 +109,15 @@ def find_dataset_dir(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {path}")
+    # TFDS writes into "incomplete.*" folders, and a rebuild keeps the old
+    # dataset in a hidden ".VERSION.previous" folder until it completes.
     found = sorted(
         info.parent
         for info in path.glob("**/dataset_info.json")
-        if "incomplete" not in str(info.parent)
+        if not any(
+            part.startswith(("incomplete.", "."))
+            for part in info.parent.relative_to(path).parts
+        )
     )
     if len(found) == 1:
         return found[0]
@@ -146,12 +151,26 @@ def _open_builder(dataset: str | Path, data_dir: str | Path | None):
     # A registered name such as "coco_captions" or "coco_captions/2017".
     import bt_jax.data.builders  # noqa: F401  (registers bt-jax's names)
 
-    builder = tfds.builder(text, data_dir=data_dir)
+    hint = (
+        f"Prepare it once with `tfds build {text} --file_format=array_record` "
+        "(this downloads it, and TFDS's own builders may need TensorFlow), or "
+        "build local files with `python -m bt_jax.data build`."
+    )
+    try:
+        # A prepared dataset is read from its files, without the builder's code.
+        builder = tfds.builder(text, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise FileNotFoundError(
+            f"{text} is neither a folder nor a registered TFDS dataset."
+        ) from None
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"TFDS dataset {text} is not prepared in {data_dir or 'the default data dir'}"
+            f" and its builder cannot run here ({err}). {hint}"
+        ) from None
     if not builder.is_prepared():
         raise FileNotFoundError(
-            f"TFDS dataset {text} is not prepared in {builder.data_dir}. Prepare "
-            f"it once with `tfds build {text} --file_format=array_record` (this "
-            "downloads it), or build local files with `python -m bt_jax.data build`."
+            f"TFDS dataset {text} is not prepared in {builder.data_dir}. {hint}"
         )
     return builder
 

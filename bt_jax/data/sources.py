@@ -188,11 +188,11 @@ def read_coco_captions(root: Path, skips: SkipLog) -> dict[str, list[SourceRecor
                 image_id, image_dir / entry["file_name"], [], []
             )
         seen_ids = set()
-        for annotation in data.get("annotations", []):
+        for position, annotation in enumerate(data.get("annotations", [])):
             if not isinstance(annotation, dict) or "image_id" not in annotation:
                 skips.add(split, repr(annotation)[:80], "invalid record: annotation")
                 continue
-            text_id = str(annotation.get("id", f"image {annotation['image_id']}"))
+            text_id = str(annotation.get("id", f"annotations[{position}]"))
             record = records.get(str(annotation["image_id"]))
             if record is None:
                 skips.add(
@@ -256,11 +256,16 @@ def read_karpathy(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
     splits: dict[str, list[SourceRecord]] = {}
     seen = set()
     for position, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
-            skips.add("all", f"images[{position}]", "invalid record: no filename")
+        if not isinstance(entry, dict):
+            skips.add("all", f"images[{position}]", "invalid record: not an object")
+            continue
+        image_id = str(
+            entry.get("cocoid", entry.get("imgid", entry.get("filename", position)))
+        )
+        if not isinstance(entry.get("filename"), str):
+            skips.add("all", image_id, "invalid record: no filename")
             continue
         split = entry.get("split")
-        image_id = str(entry.get("cocoid", entry.get("imgid", entry["filename"])))
         if split not in KARPATHY_SPLITS:
             skips.add("all", image_id, f"invalid record: unknown split {split!r}")
             continue
@@ -390,8 +395,11 @@ def find_vqa_files(root: Path) -> dict[str, tuple[Path, Path | None, str]]:
 def collect_vqa_vocab_answers(root: Path) -> list[str]:
     """Return every multiple_choice_answer of the train and val annotations."""
     answers = []
-    for split, (_, annotations_path, _) in find_vqa_files(root).items():
-        if split in ("train", "val") and annotations_path is not None:
+    files = find_vqa_files(root)
+    # Train first, then val: the vocabulary is numbered by first appearance.
+    for split in ("train", "val"):
+        annotations_path = files.get(split, (None, None, None))[1]
+        if annotations_path is not None:
             for annotation in _read_json(annotations_path).get("annotations", []):
                 if isinstance(annotation, dict) and isinstance(
                     annotation.get("multiple_choice_answer"), str

@@ -15,7 +15,6 @@ order of first appearance. For the 2014 train and val annotations this gives
 from __future__ import annotations
 
 import collections
-import itertools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -68,51 +67,57 @@ _NUMBER_WORDS = {
 }
 _ARTICLES = frozenset({"a", "an", "the"})
 
-# Contractions in their written form. The official table maps every spelling
-# that lost some of the apostrophes ("dont", "couldntve", "couldn'tve") back to
-# this form; `_contraction_table` derives those spellings.
-_CONTRACTIONS = (  # noqa: SIM905 (the word list reads better as text)
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't "
-    "hadn't hadn't've hasn't haven't he'd he'd've he'll he's how'd how'll how's "
-    "i'd i'd've i'll isn't it'd it'd've it'll it's let's ma'am mightn't "
-    "mightn't've might've mustn't must've needn't not've o'clock oughtn't "
-    "'ow's'at shan't she'd she'd've she'll she's should've shouldn't "
-    "shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd "
-    "someone'd've someone'll someone's something'd something'd've something'll "
-    "that's there'd there'd've there're there's they'd they'd've they'll "
-    "they're they've 'twas wasn't we'd we'd've we're we've weren't what'll "
-    "what're what's what've when's where'd where's where've who'd who'd've "
-    "who'll who's who've why'll why're why's won't would've wouldn't "
-    "wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
-).split()
-# NOTE: the official table also lists "Im" and "Ive" with capitals, which
-# never match because answers are lower-cased first, so "im" stays "im" here
-# too.
-
-
-def _contraction_table() -> dict[str, str]:
-    table = {}
-    for word in _CONTRACTIONS:
-        positions = [i for i, char in enumerate(word) if char == "'"]
-        # Every way to drop one or more apostrophes, keeping the word's letters.
-        for count in range(1, len(positions) + 1):
-            for dropped in itertools.combinations(positions, count):
-                spelling = "".join(c for i, c in enumerate(word) if i not in dropped)
-                table.setdefault(spelling, word)
-    return table
-
-
-_CONTRACTION_TABLE = _contraction_table()
+# The official evaluation's contraction table, as "spelling=written form"
+# pairs. It lists only some spellings without apostrophes: "its", "ill" and
+# "shell" stay as they are, because they are ordinary words. Its quirks are kept
+# so that normalised answers match the official ones, such as "somebody'd"
+# becoming "somebodyd".
+_CONTRACTION_PAIRS = """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't
+couldn'tve=couldn't've couldnt've=couldn't've didnt=didn't doesnt=doesn't
+dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've hasnt=hasn't
+havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd
+howll=how'll hows=how's isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've
+itll=it'll let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've
+mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've
+neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at
+'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't shed've=she'd've
+she'dve=she'd've she's=she's shouldve=should've shouldnt=shouldn't
+shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd
+somebodyd've=somebody'd've somebody'dve=somebody'd've somebodyll=somebody'll
+somebodys=somebody's someoned=someone'd someoned've=someone'd've
+someone'dve=someone'd've someonell=someone'll someones=someone's
+somethingd=something'd somethingd've=something'd've
+something'dve=something'd've somethingll=something'll thats=that's
+thered=there'd thered've=there'd've there'dve=there'd've therere=there're
+theres=there's theyd=they'd theyd've=they'd've they'dve=they'd've
+theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't
+wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll
+whatre=what're whats=what's whatve=what've whens=when's whered=where'd
+wheres=where's whereve=where've whod=who'd whod've=who'd've who'dve=who'd've
+wholl=who'll whos=who's whove=who've whyll=why'll whyre=why're whys=why's
+wont=won't wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've
+wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll
+yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd
+youd've=you'd've you'dve=you'd've youll=you'll youre=you're youve=you've
+"""
+# NOTE: the official table also has "Id've", "I'dve", "Im" and "Ive" with
+# capitals. They never match because answers are lower-cased first, so they
+# are left out and "im" stays "im".
+_CONTRACTION_TABLE = dict(pair.split("=", 1) for pair in _CONTRACTION_PAIRS.split())
 
 
 def _strip_punctuation(text: str) -> str:
+    # Whether a mark is dropped or becomes a space depends on the input text,
+    # not on the text after earlier marks were replaced.
     digit_comma = _DIGIT_COMMA.search(text) is not None
+    result = text
     for mark in _PUNCTUATION:
         if digit_comma or f"{mark} " in text or f" {mark}" in text:
-            text = text.replace(mark, "")
+            result = result.replace(mark, "")
         else:
-            text = text.replace(mark, " ")
-    return _PERIOD.sub("", text)
+            result = result.replace(mark, " ")
+    return _PERIOD.sub("", result)
 
 
 def _normalise_words(text: str) -> str:
