@@ -76,7 +76,7 @@ def build_dataset(
     if target.exists():
         if not overwrite:
             raise FileExistsError(
-                f"{target} already holds a built dataset; pass overwrite=True "
+                f"{target} already contains a built dataset; pass overwrite=True "
                 "(--overwrite) to rebuild it."
             )
         # Keep the old dataset until the new one is complete.

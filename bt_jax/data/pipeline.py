@@ -77,7 +77,7 @@ def mask_tokens(
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    """How a dataset becomes batches.
+    """Settings that turn a dataset into batches.
 
     Attributes:
       global_batch_size: examples per step over all hosts; each host gets

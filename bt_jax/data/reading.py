@@ -36,7 +36,7 @@ _VQA_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Fields:
-    """Where a dataset keeps its image, texts and ids.
+    """Names of the features that contain a dataset's image, texts and ids.
 
     Paths use "/" to reach into nested features, as in TFDS's `coco_captions`
     ("captions/text"). A text field may hold one string or a list.
@@ -128,7 +128,7 @@ def find_dataset_dir(path: str | Path) -> Path:
         )
     listing = ", ".join(str(f) for f in found)
     raise ValueError(
-        f"{path} holds several datasets ({listing}); pass the one to read."
+        f"{path} contains several datasets ({listing}); pass the one to read."
     )
 
 

@@ -311,7 +311,7 @@ def find_jsonl_files(root: Path) -> dict[str, Path]:
 def read_jsonl(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
     """Read JSON Lines files; lines naming the same image share one record.
 
-    Each line holds "image" (a path relative to the file's folder, or absolute)
+    Each line has "image" (a path relative to the file's folder, or absolute)
     and "caption" (or a "captions" list), and optionally "id" for the caption.
     """
     splits = {}
@@ -413,7 +413,7 @@ def read_vqa(
 ) -> dict[str, list[SourceRecord]]:
     """Read VQA v2 questions (and annotations where given): one record per image.
 
-    Each record's `extra` holds flat per-question lists: `question_ids`, the
+    Each record's `extra` has flat per-question lists: `question_ids`, the
     soft targets (`answer_counts` labels per question, then `answer_labels`
     and `answer_scores`), and the raw human answers (`answers_per_question`
     strings per question, then `answers`).
