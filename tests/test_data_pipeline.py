@@ -861,8 +861,70 @@ def test_pipeline_workers_match_in_process(corrupt_records, processor, bad):
     resumed.set_state(state)
     tail = take(resumed)
 
+    # The state saved with two workers also restores without workers.
+    in_process_resumed = iter(
+        make_pipeline(
+            corrupt_records, processor, CORRUPT_CONFIG, shard_index=0, shard_count=1
+        )
+    )
+    in_process_resumed.set_state(state)
+    in_process_tail = take(in_process_resumed)
+    uninterrupted.close()
+    resumed.close()
+
     assert_batches_equal(tail, rest)
+    assert_batches_equal(in_process_tail, rest)
     assert resumed.skipped_total == uninterrupted.skipped_total
     assert uninterrupted.skipped_total == len(bad)
     assert pairs_of(head + rest) == pairs_of(expected)
     assert_batches_equal(head + rest, expected)
+
+
+def test_pipeline_set_state_resets_skipped_list(corrupt_records, processor, bad):
+    iterator = iter(
+        make_pipeline(
+            corrupt_records, processor, CORRUPT_CONFIG, shard_index=0, shard_count=1
+        )
+    )
+    start = iterator.get_state()
+    take(iterator)
+    iterator.set_state(start)
+    take(iterator)
+
+    assert len(iterator.skipped) == len(bad)
+    assert iterator.skipped_total == len(bad)
+
+
+def test_pipeline_set_state_rejects_foreign_state(records, processor):
+    iterator = iter(
+        make_pipeline(records, processor, config(), shard_index=0, shard_count=1)
+    )
+
+    with pytest.raises(ValueError, match="position"):
+        iterator.set_state({"next_index": 3})
+
+
+def test_make_pipeline_rejects_text_length_over_model_limit(records, processor):
+    with pytest.raises(ValueError, match=f"limit of {processor.max_text_length}"):
+        make_pipeline(
+            records,
+            processor,
+            config(max_text_length=processor.max_text_length + 1),
+            shard_index=0,
+            shard_count=1,
+        )
+
+
+def test_make_pipeline_accepts_small_dataset_over_epochs(records, processor, all_pairs):
+    batch = len(all_pairs) + 2
+    pipeline = make_pipeline(
+        records,
+        processor,
+        config(global_batch_size=batch, num_epochs=2, drop_remainder=True),
+        shard_index=0,
+        shard_count=1,
+    )
+    batches = take(iter(pipeline))
+
+    assert len(batches) == 1
+    assert len(batches[0]["input_ids"]) == batch

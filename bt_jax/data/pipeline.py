@@ -266,7 +266,10 @@ class SkipCountingIterator(grain.DatasetIterator):
     """The pipeline's iterator: batches valid examples and counts skipped ones.
 
     It runs in the calling process, after any worker processes, so batches are
-    the same whatever the worker count.
+    the same whatever the worker count. Its state is the position in this
+    host's stream and the skip count, so a state restores into a pipeline with
+    another `worker_count` or `read_threads` too. Call `close()` when done, to
+    stop worker processes.
 
     Attributes:
       skipped: `(id, reason)` of every example skipped since this iterator was
@@ -275,35 +278,32 @@ class SkipCountingIterator(grain.DatasetIterator):
         dropped final partial batch; restored with the state.
     """
 
-    def __init__(
-        self,
-        parent: grain.DatasetIterator,
-        batch_size: int,
-        drop_remainder: bool,
-        pad_images: bool,
-    ):
-        super().__init__(parent)
-        self.batch_size = batch_size
-        self.drop_remainder = drop_remainder
-        self.pad_images = pad_images
+    def __init__(self, batches: _Batches):
+        super().__init__()
+        self._batches = batches
+        self._position = 0
+        self._stream: grain.DatasetIterator | None = None
         self.skipped: list[tuple[str, str]] = []
         self.skipped_total = 0
         self._logged = collections.Counter()
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._stream is None:
+            self._stream = self._batches.stream(self._position)
         examples = []
-        while len(examples) < self.batch_size:
+        while len(examples) < self._batches.batch_size:
             try:
-                element = next(self._parent)
+                element = next(self._stream)
             except StopIteration:
-                if examples and not self.drop_remainder:
-                    return _stack(examples, self.pad_images)
+                if examples and not self._batches.drop_remainder:
+                    return _stack(examples, self._batches.pad_images)
                 raise
+            self._position += 1
             if isinstance(element, Invalid):
                 self._skip(element)
             else:
                 examples.append(element)
-        return _stack(examples, self.pad_images)
+        return _stack(examples, self._batches.pad_images)
 
     def _skip(self, element: Invalid) -> None:
         kind = element.reason.split(":")[0]
@@ -317,34 +317,75 @@ class SkipCountingIterator(grain.DatasetIterator):
         self.skipped.append((element.id, element.reason))
         self.skipped_total += 1
 
-    def get_state(self):
-        return {"pipeline": self._parent.get_state(), "skipped": self.skipped_total}
+    def get_state(self) -> dict[str, int]:
+        return {"position": self._position, "skipped": self.skipped_total}
 
-    def set_state(self, state):
-        self._parent.set_state(state["pipeline"])
-        self.skipped_total = state["skipped"]
+    def set_state(self, state: dict[str, int]) -> None:
+        if not isinstance(state, dict) or not {"position", "skipped"} <= set(state):
+            raise ValueError(
+                f"invalid pipeline state {state!r}: expected the dict that "
+                "get_state() returns, with 'position' and 'skipped'."
+            )
+        self.close()
+        self._position = int(state["position"])
+        self.skipped_total = int(state["skipped"])
+        self.skipped = []
+
+    def close(self) -> None:
+        """Stop the worker processes, if any; the iterator restarts on next()."""
+        if self._stream is not None:
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+            self._stream = None
 
 
 class _Batches(grain.IterDataset):
+    """Batches of one host's examples, resumable from any stream position."""
+
     def __init__(
         self,
-        parent: grain.IterDataset,
+        examples: grain.MapDataset,
+        *,
         batch_size: int,
         drop_remainder: bool,
         pad_images: bool,
+        read_threads: int,
+        worker_count: int,
+        worker_buffer_size: int,
     ):
-        super().__init__(parent)
+        super().__init__(examples)
+        self.examples = examples
         self.batch_size = batch_size
         self.drop_remainder = drop_remainder
         self.pad_images = pad_images
+        self.read_threads = read_threads
+        self.worker_count = worker_count
+        self.worker_buffer_size = worker_buffer_size
+
+    def stream(self, position: int) -> grain.DatasetIterator:
+        """Return an iterator over the examples from `position` on."""
+        examples = self.examples[position:] if position else self.examples
+        stream = examples.to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=self.read_threads, prefetch_buffer_size=2 * self.batch_size
+            )
+        )
+        if self.worker_count:
+            _mark_absl_flags_parsed()
+            # Workers prepare single examples. Grain hands worker w the positions
+            # w, w + W, ... and interleaves their outputs in turn, so the stream
+            # keeps its order and batches match a run without workers.
+            stream = stream.mp_prefetch(
+                grain.multiprocessing.MultiprocessingOptions(
+                    num_workers=self.worker_count,
+                    per_worker_buffer_size=self.worker_buffer_size,
+                )
+            )
+        return iter(stream)
 
     def __iter__(self) -> SkipCountingIterator:
-        return SkipCountingIterator(
-            self._parent.__iter__(),
-            self.batch_size,
-            self.drop_remainder,
-            self.pad_images,
-        )
+        return SkipCountingIterator(self)
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -402,11 +443,20 @@ def make_pipeline(
         raise ValueError("the tokenizer has no mask token; set mlm_probability=0.")
     host_batch = config.global_batch_size // shard_count
 
+    limit = processor.max_text_length
+    if limit is not None and config.max_text_length > limit:
+        raise ValueError(
+            f"max_text_length {config.max_text_length} is longer than the model's "
+            f"limit of {limit} tokens; use at most {limit}."
+        )
     pairs = _PairIndex(records.texts_per_record(), config.texts)
-    if len(pairs) < config.global_batch_size and config.drop_remainder:
+    epochs = config.num_epochs
+    total = len(pairs) if epochs is None else len(pairs) * epochs
+    if not len(pairs) or (config.drop_remainder and total < config.global_batch_size):
         raise ValueError(
             f"{records.split} has {len(pairs)} examples, fewer than one global "
-            f"batch of {config.global_batch_size}; lower global_batch_size."
+            f"batch of {config.global_batch_size} over {epochs or 'unlimited'} "
+            "epochs; lower global_batch_size or raise num_epochs."
         )
     logger.info(
         "pipeline over %d examples of %s: %d per host batch, shard %d of %d",
@@ -429,23 +479,16 @@ def make_pipeline(
         _ExampleTransform(records, processor, config), seed=config.seed
     )
     dataset = dataset[shard_index::shard_count]
-    threads = config.read_threads or (1 if config.worker_count else os.cpu_count() or 1)
-    stream = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * host_batch)
-    )
-    if config.worker_count:
-        _mark_absl_flags_parsed()
-        # Workers prepare single examples. Grain hands worker w the positions
-        # w, w + W, ... and interleaves their outputs in turn, so the stream
-        # keeps its order and batches match a run without workers.
-        stream = stream.mp_prefetch(
-            grain.multiprocessing.MultiprocessingOptions(
-                num_workers=config.worker_count,
-                per_worker_buffer_size=config.worker_buffer_size,
-            )
-        )
     # NOTE: skipped examples are not replaced, so with num_epochs set and broken
     # records, hosts can reach the end of the data one batch apart. Multi-host
     # training should use num_epochs=None and stop after a number of steps.
-    pad_images = not processor.image_processor.do_center_crop
-    return _Batches(stream, host_batch, config.drop_remainder, pad_images)
+    return _Batches(
+        dataset,
+        batch_size=host_batch,
+        drop_remainder=config.drop_remainder,
+        pad_images=not processor.image_processor.do_center_crop,
+        read_threads=config.read_threads
+        or (1 if config.worker_count else os.cpu_count() or 1),
+        worker_count=config.worker_count,
+        worker_buffer_size=config.worker_buffer_size,
+    )
