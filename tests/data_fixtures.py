@@ -62,8 +62,8 @@ def materialize_photos(directory: Path) -> dict[str, Photo]:
     captions: dict[str, list[str]] = {}
     for line in captions_file.read_text(encoding="utf-8").splitlines():
         entry = json.loads(line)
-        paths[entry["id"]] = captions_file.parent / entry["image"]
-        captions.setdefault(entry["id"], []).append(entry["caption"])
+        paths[entry["photo"]] = captions_file.parent / entry["image"]
+        captions.setdefault(entry["photo"], []).append(entry["caption"])
     return {name: Photo(name, paths[name], tuple(captions[name])) for name in captions}
 
 

@@ -90,9 +90,14 @@ def test_materialize_jsonl_lines(tmp_path):
     lines = jsonl.read_text(encoding="utf-8").splitlines()
     assert len(lines) == sum(len(photo.captions) for photo in photos)
     expected = [
-        {"image": f"images/{photo.file}", "caption": caption, "id": photo.id}
+        {
+            "image": f"images/{photo.file}",
+            "caption": caption,
+            "id": f"{photo.id}/{number}",
+            "photo": photo.id,
+        }
         for photo in photos
-        for caption in photo.captions
+        for number, caption in enumerate(photo.captions)
     ]
     assert [json.loads(line) for line in lines] == expected
 
@@ -105,7 +110,7 @@ def test_materialize_read_jsonl_paths(tmp_path):
     assert len(records) == sum(len(photo.captions) for photo in photos.values())
     images = (tmp_path / "out" / "images").resolve()
     for record in records:
-        photo = photos[record["id"]]
+        photo = photos[record["photo"]]
         image = Path(record["image"])
         assert image.is_absolute(), image
         assert image == images / photo.file

@@ -129,8 +129,7 @@ def build_sample_dataset(out: str | Path, *, overwrite: bool = False) -> Path:
 
     out = Path(out)
     source = out / "source"
-    lines = materialize(source, overwrite=overwrite)
-    lines.replace(source / "train.jsonl")
+    materialize(source, overwrite=overwrite).replace(source / "train.jsonl")
     return build_dataset("jsonl", source, out, overwrite=overwrite)
 
 

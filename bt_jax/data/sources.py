@@ -89,11 +89,31 @@ class SkipLog:
 
 
 def _read_json(path: Path) -> Any:
+    # utf-8-sig also accepts files that start with a byte order mark.
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:
             return json.load(file)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}.") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text: {err}. Save it as UTF-8."
+        ) from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a JSON file.") from None
+
+
+def _json_list(data: Any, key: str, path: Path, *, required: bool = True) -> list:
+    """Return `data[key]` when it is a list; raise naming the file otherwise."""
+    value = data.get(key) if isinstance(data, dict) else None
+    if value is None and not required and isinstance(data, dict):
+        return []
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{path} has no {key!r} list at the top level; check that it is the "
+            "right file for this format."
+        )
+    return value
 
 
 def _clean_text(value: Any) -> str | None:
@@ -166,13 +186,11 @@ def read_coco_captions(root: Path, skips: SkipLog) -> dict[str, list[SourceRecor
     for split, path in find_coco_caption_files(root).items():
         year = _COCO_CAPTIONS_FILE.fullmatch(path.name)["year"]
         data = _read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise ValueError(
-                f"{path} has no 'images' list; it is not a COCO captions file."
-            )
+        images = _json_list(data, "images", path)
+        annotations = _json_list(data, "annotations", path, required=False)
         image_dir = root / f"{split}{year}"
         records: dict[str, SourceRecord] = {}
-        for entry in data["images"]:
+        for entry in images:
             if (
                 not isinstance(entry, dict)
                 or "id" not in entry
@@ -188,7 +206,7 @@ def read_coco_captions(root: Path, skips: SkipLog) -> dict[str, list[SourceRecor
                 image_id, image_dir / entry["file_name"], [], []
             )
         seen_ids = set()
-        for position, annotation in enumerate(data.get("annotations", [])):
+        for position, annotation in enumerate(annotations):
             if not isinstance(annotation, dict) or "image_id" not in annotation:
                 skips.add(split, repr(annotation)[:80], "invalid record: annotation")
                 continue
@@ -250,12 +268,10 @@ def _karpathy_image_path(root: Path, entry: dict) -> Path:
 def read_karpathy(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
     """Read a Karpathy split file; splits are train, restval, val and test."""
     path = find_karpathy_file(root)
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{path} has no 'images' list; it is not a Karpathy file.")
+    images = _json_list(_read_json(path), "images", path)
     splits: dict[str, list[SourceRecord]] = {}
     seen = set()
-    for position, entry in enumerate(data["images"]):
+    for position, entry in enumerate(images):
         if not isinstance(entry, dict):
             skips.add("all", f"images[{position}]", "invalid record: not an object")
             continue
@@ -295,6 +311,10 @@ def read_karpathy(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
 # JSON Lines of {"image": path, "caption": text}.
 
 
+# TFDS split names are word characters only, and "all" is reserved.
+_SPLIT_NAME = re.compile(r"\w+")
+
+
 def find_jsonl_files(root: Path) -> dict[str, Path]:
     """Return the JSON Lines files in root, keyed by split (the file's stem)."""
     _require_dir(root)
@@ -305,27 +325,52 @@ def find_jsonl_files(root: Path) -> dict[str, Path]:
             '{"image": "images/1.jpg", "caption": "..."} object per line. Each '
             "file becomes the split named after it."
         )
+    for split, path in files.items():
+        if not _SPLIT_NAME.fullmatch(split) or split == "all":
+            raise ValueError(
+                f"{path.name} cannot name a split: split names use letters, digits "
+                "and underscores, and 'all' is reserved. Rename the file, for "
+                "example to train.jsonl."
+            )
+        if not path.is_file():
+            raise ValueError(f"{path} is not a file.")
     return files
+
+
+def _read_jsonl_line(raw: bytes, line_id: str, split: str, skips: SkipLog):
+    """Return the parsed object of one line, or None after logging a skip."""
+    try:
+        line = raw.decode("utf-8-sig" if line_id.endswith(":1") else "utf-8")
+    except UnicodeDecodeError as err:
+        skips.add(split, line_id, f"invalid record: not UTF-8 ({err.reason})")
+        return None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        skips.add(split, line_id, f"invalid record: not JSON ({err.msg})")
+        return None
 
 
 def read_jsonl(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
     """Read JSON Lines files; lines naming the same image share one record.
 
     Each line has "image" (a path relative to the file's folder, or absolute)
-    and "caption" (or a "captions" list), and optionally "id" for the caption.
+    and "caption" (or a "captions" list), and optionally "id", the caption's
+    id (by default FILE:LINE). A repeated id or a repeated (image, caption)
+    line is skipped as a duplicate.
     """
     splits = {}
     for split, path in find_jsonl_files(root).items():
-        records: dict[str, SourceRecord] = {}
-        with open(path, encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
+        records: dict[Path, SourceRecord] = {}
+        seen_ids: set[str] = set()
+        seen_pairs: set[tuple[Path, str]] = set()
+        with open(path, "rb") as file:
+            for number, raw in enumerate(file, start=1):
                 line_id = f"{path.name}:{number}"
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as err:
-                    skips.add(split, line_id, f"invalid record: not JSON ({err.msg})")
+                entry = _read_jsonl_line(raw, line_id, split, skips)
+                if entry is None:
                     continue
                 if not isinstance(entry, dict) or not isinstance(
                     entry.get("image"), str
@@ -336,17 +381,34 @@ def read_jsonl(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
                 if captions is None:
                     skips.add(split, line_id, 'invalid record: no "caption"')
                     continue
-                image = entry["image"]
-                record = records.get(image)
+                text_id = str(entry.get("id", line_id))
+                if text_id in seen_ids:
+                    skips.add(split, f"{text_id} ({line_id})", "duplicate id")
+                    continue
+                seen_ids.add(text_id)
+                image_path = (path.parent / entry["image"]).resolve()
+                record = records.get(image_path)
                 if record is None:
-                    record = SourceRecord(image, path.parent / image, [], [])
-                    records[image] = record
+                    record = SourceRecord(entry["image"], image_path, [], [])
+                    records[image_path] = record
                 caption_list = captions if isinstance(captions, list) else [captions]
                 for offset, caption in enumerate(caption_list):
-                    text_id = str(entry.get("id", line_id))
-                    if isinstance(captions, list):
-                        text_id = f"{text_id}/{offset}"
-                    _add_text(record, caption, text_id, split, skips)
+                    caption_id = (
+                        f"{text_id}/{offset}" if isinstance(captions, list) else text_id
+                    )
+                    key = (
+                        image_path,
+                        caption.strip() if isinstance(caption, str) else "",
+                    )
+                    if key in seen_pairs and key[1]:
+                        skips.add(
+                            split,
+                            caption_id,
+                            "duplicate record: same image and caption",
+                        )
+                        continue
+                    seen_pairs.add(key)
+                    _add_text(record, caption, caption_id, split, skips)
         splits[split] = _drop_textless(records.values(), split, skips)
     return splits
 
@@ -376,12 +438,19 @@ def find_vqa_files(root: Path) -> dict[str, tuple[Path, Path | None, str]]:
             annotations = next(
                 (
                     candidate / name
-                    for candidate in (root, root / "annotations")
+                    for candidate in (root, root / "annotations", root / "questions")
                     if (candidate / name).is_file()
                 ),
                 None,
             )
             image_dir = f"{_VQA_IMAGE_SPLIT.get(split, split)}{year}"
+            if annotations is None and split in ("train", "val"):
+                logger.warning(
+                    "no %s for %s: its questions get no answers and the answer "
+                    "vocabulary is built without it",
+                    name,
+                    path.name,
+                )
             found[split.replace("-", "_")] = (path, annotations, image_dir)
     if not found:
         raise FileNotFoundError(
@@ -400,7 +469,10 @@ def collect_vqa_vocab_answers(root: Path) -> list[str]:
     for split in ("train", "val"):
         annotations_path = files.get(split, (None, None, None))[1]
         if annotations_path is not None:
-            for annotation in _read_json(annotations_path).get("annotations", []):
+            listed = _json_list(
+                _read_json(annotations_path), "annotations", annotations_path
+            )
+            for annotation in listed:
                 if isinstance(annotation, dict) and isinstance(
                     annotation.get("multiple_choice_answer"), str
                 ):
@@ -423,19 +495,18 @@ def read_vqa(
     for split, (questions_path, annotations_path, image_dir) in find_vqa_files(
         root
     ).items():
-        questions = _read_json(questions_path)
-        if not isinstance(questions, dict) or not isinstance(
-            questions.get("questions"), list
-        ):
-            raise ValueError(f"{questions_path} has no 'questions' list.")
+        questions = _json_list(_read_json(questions_path), "questions", questions_path)
         by_question = {}
         if annotations_path is not None:
-            for annotation in _read_json(annotations_path).get("annotations", []):
+            listed = _json_list(
+                _read_json(annotations_path), "annotations", annotations_path
+            )
+            for annotation in listed:
                 if isinstance(annotation, dict) and "question_id" in annotation:
                     by_question[annotation["question_id"]] = annotation
         records: dict[str, SourceRecord] = {}
         seen = set()
-        for entry in questions["questions"]:
+        for entry in questions:
             if not isinstance(entry, dict) or not {"question_id", "image_id"} <= set(
                 entry
             ):
@@ -453,7 +524,12 @@ def read_vqa(
                     split, str(question_id), "duplicate id: question listed twice"
                 )
                 continue
-            question = _clean_text(entry.get("question"))
+            if not isinstance(entry.get("question"), str):
+                skips.add(
+                    split, str(question_id), "invalid text: question is not a string"
+                )
+                continue
+            question = _clean_text(entry["question"])
             if question is None:
                 skips.add(split, str(question_id), "empty text")
                 continue

@@ -194,8 +194,9 @@ def materialize(directory: str | os.PathLike, *, overwrite: bool = False) -> Pat
 
     The result is `directory/images/<file>` for each photo, copied byte for byte,
     and `directory/captions.jsonl` with lines such as
-    `{"image": "images/astronaut.png", "caption": "...", "id": "astronaut"}`,
-    where `image` is relative to the folder of the JSONL file. The folder is
+    `{"image": "images/astronaut.png", "caption": "...", "id": "astronaut/0",
+    "photo": "astronaut"}`, where `image` is relative to the folder of the JSONL
+    file, `id` names the caption and `photo` the sample. The folder is
     built in a temporary sibling and renamed into place, so a failure leaves
     `directory` as it was.
 
@@ -230,8 +231,13 @@ def materialize(directory: str | os.PathLike, *, overwrite: bool = False) -> Pat
         for photo in photos:
             shutil.copyfile(photo.path(), staging / IMAGES_DIR / photo.file)
             image = f"{IMAGES_DIR}/{photo.file}"
-            for caption in photo.captions:
-                record = {"image": image, "caption": caption, "id": photo.id}
+            for number, caption in enumerate(photo.captions):
+                record = {
+                    "image": image,
+                    "caption": caption,
+                    "id": f"{photo.id}/{number}",
+                    "photo": photo.id,
+                }
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
         with open(staging / CAPTIONS_RESOURCE, "w", encoding="utf-8") as stream:
             stream.writelines(lines)
