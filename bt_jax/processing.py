@@ -114,7 +114,12 @@ def load_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
             image.load()
             image = PIL.ImageOps.exif_transpose(image)
             return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+    except PIL.Image.DecompressionBombError as err:
+        raise ImageFileError(
+            f"image {name} is larger than PIL's limit ({err}). If the file is "
+            "trusted, raise PIL.Image.MAX_IMAGE_PIXELS, or shrink the image."
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
         # PIL reports unknown formats as UnidentifiedImageError (an OSError) and
         # truncated data as OSError or SyntaxError, depending on the format.
         raise ImageFileError(
@@ -634,6 +639,17 @@ def load_tokenizer(path: str | os.PathLike):
         tokenizer = RobertaTokenizerFast.from_pretrained(str(directory))
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"cannot load the tokenizer in {directory}: {err}") from None
+    # transformers rebuilds any tokenizer.json as BPE, so read the stored type.
+    model = "BPE"
+    if has_json:
+        stored = _read_json(directory / "tokenizer.json").get("model")
+        model = stored.get("type", "BPE") if isinstance(stored, dict) else "BPE"
+    if model != "BPE":
+        raise ValueError(
+            f"the tokenizer in {directory} is a {model} tokenizer; BridgeTower "
+            "needs RoBERTa's byte-level BPE tokenizer (the files that come with "
+            "the checkpoint)."
+        )
     for name in ("pad_token_id", "mask_token_id", "cls_token_id", "sep_token_id"):
         if getattr(tokenizer, name) is None:
             raise ValueError(

@@ -19,10 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from bt_jax.data import builders
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="image-reading threads (default: CPUs)",
     )
@@ -62,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--min-answer-count",
-        type=int,
+        type=positive_int,
         default=9,
         help="vqa: how often an answer must occur to enter a built vocabulary",
     )
@@ -92,7 +103,7 @@ def _add_stats_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-text-length",
-        type=int,
+        type=positive_int,
         default=50,
         help="token limit used in training; the share of longer texts is reported",
     )
@@ -104,12 +115,21 @@ def _load_answer_vocab(path: Path) -> list[str]:
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read the answer vocabulary {path}: {err}") from None
     if isinstance(vocab, dict):
-        # An answer -> label mapping, as ViLT-style code stores it.
-        vocab = [answer for answer, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        # An answer -> label mapping, as ViLT-style code stores it. The labels
+        # must be 0..N-1 so that no label is renumbered.
+        labels = sorted(
+            vocab.values(), key=lambda label: (type(label) is not int, label)
+        )
+        if labels != list(range(len(vocab))):
+            raise ValueError(
+                f"the labels in {path} must be the integers 0 to {len(vocab) - 1}, "
+                "each used once."
+            )
+        vocab = sorted(vocab, key=vocab.__getitem__)
     if not isinstance(vocab, list) or not all(isinstance(a, str) for a in vocab):
         raise ValueError(
-            f"{path} must hold a JSON list of answer strings in label order, or an "
-            "object mapping each answer to its label."
+            f"{path} must contain a JSON list of answer strings in label order, or "
+            "an object mapping each answer to its label."
         )
     return vocab
 
@@ -134,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # bt-jax shows its own progress bar per split.
     tfds.disable_progress_bar()
+    # SIGTERM (from kill or a job scheduler) unwinds like Ctrl-C, so an
+    # interrupted rebuild puts the previous dataset back.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         if args.command == "build":
@@ -157,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=tokenizer,
             max_text_length=args.max_text_length if tokenizer else None,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:
+        # OSError covers missing files and folders, and an --out that is a file.
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_statistics(stats))

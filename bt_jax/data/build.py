@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ def build_dataset(
         **kwargs,
     )
     target = Path(builder.data_dir)
+    _recover_interrupted_build(target)
     previous = None
     if target.exists():
         if not overwrite:
@@ -86,17 +89,24 @@ def build_dataset(
         target.rename(previous)
     try:
         try:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=str(source))
-            )
+            # TFDS makes a downloads folder even when nothing is downloaded.
+            with tempfile.TemporaryDirectory() as downloads:
+                builder.download_and_prepare(
+                    download_dir=downloads,
+                    download_config=tfds.download.DownloadConfig(
+                        manual_dir=str(source)
+                    ),
+                )
         except AssertionError as err:
             # TFDS asserts that every split has examples. A split whose image
             # files all exist but none decodes ends up empty.
-            if "No examples were yielded" not in str(err):
+            match = re.search(r'split "(\w+)": No examples were yielded', str(err))
+            if match is None:
                 raise
+            split = match[1]
             raise ValueError(
-                f"a split of {source} has no image that decodes ({err}); skipped: "
-                f"{builder.skips.counts()}. Fix or remove the broken images."
+                f"split {split} of {source} has no image that decodes (skipped: "
+                f"{builder.skips.counts(split)}). Fix or remove the broken images."
             ) from None
     except BaseException:
         if previous is not None:
@@ -131,6 +141,24 @@ def build_sample_dataset(out: str | Path, *, overwrite: bool = False) -> Path:
     source = out / "source"
     materialize(source, overwrite=overwrite).replace(source / "train.jsonl")
     return build_dataset("jsonl", source, out, overwrite=overwrite)
+
+
+def _recover_interrupted_build(target: Path) -> None:
+    """Restore or remove what a killed rebuild of `target` left behind."""
+    previous = target.with_name(f".{target.name}.previous")
+    if previous.exists():
+        if target.exists():
+            logger.warning("removing %s, left by an interrupted rebuild", previous)
+            shutil.rmtree(previous)
+        else:
+            logger.warning(
+                "an interrupted rebuild left the previous dataset in %s; restoring it",
+                previous,
+            )
+            previous.rename(target)
+    for leftover in target.parent.glob(f"incomplete.*_{target.name}"):
+        logger.warning("removing %s, left by an interrupted build", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _percentiles(values: Sequence[int]) -> dict[str, float]:
@@ -200,8 +228,13 @@ def dataset_statistics(
         result["splits"][split] = split_stats
     if metadata.get("skipped", {}).get("all"):
         result["skipped_outside_splits"] = metadata["skipped"]["all"]
-    (directory / STATISTICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    _plot_lengths(lengths_by_split, result["length_unit"], max_text_length, directory)
+    try:
+        (directory / STATISTICS_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        _plot_lengths(
+            lengths_by_split, result["length_unit"], max_text_length, directory
+        )
+    except OSError as err:
+        logger.warning("cannot write the statistics into %s: %s", directory, err)
     return result
 
 

@@ -300,10 +300,8 @@ class BtVqaV2(_LocalBuilder):
           **kwargs: see `_LocalBuilder`.
         """
         self.answer_vocab = list(answer_vocab) if answer_vocab is not None else None
-        if self.answer_vocab is not None and len(set(self.answer_vocab)) != len(
-            self.answer_vocab
-        ):
-            raise ValueError("answer_vocab contains duplicate answers.")
+        if self.answer_vocab is not None:
+            vqa.check_answer_vocab(self.answer_vocab)
         self.min_answer_count = min_answer_count
         super().__init__(**kwargs)
 

@@ -107,6 +107,8 @@ def find_dataset_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "dataset_info.json").is_file():
         return path
+    if path.is_file():
+        raise ValueError(f"{path} is a file; pass the folder of a built dataset.")
     if not path.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {path}")
     # TFDS writes into "incomplete.*" folders, and a rebuild keeps the old
@@ -122,9 +124,16 @@ def find_dataset_dir(path: str | Path) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
+        set_aside = sorted(path.glob("**/.*.previous"))
+        hint = (
+            f" An interrupted rebuild left a dataset in {set_aside[0]}; run the "
+            "build again to restore or replace it."
+            if set_aside
+            else ""
+        )
         raise FileNotFoundError(
             f"no built dataset in {path} (no dataset_info.json). Build one with "
-            "`python -m bt_jax.data build`."
+            f"`python -m bt_jax.data build`.{hint}"
         )
     listing = ", ".join(str(f) for f in found)
     raise ValueError(
@@ -196,6 +205,8 @@ class Records(Sequence):
 
     def raw(self, index: int) -> dict[str, Any]:
         """Return the stored example as TFDS decodes it (image left encoded)."""
+        if -len(self) <= index < 0:
+            index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range for {len(self)} records")
         part = int(np.searchsorted(self._offsets, index, side="right")) - 1

@@ -15,10 +15,13 @@ order of first appearance. For the 2014 train and val annotations this gives
 from __future__ import annotations
 
 import collections
+import logging
 import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MIN_ANSWER_COUNT = 9
 
@@ -152,6 +155,31 @@ def build_answer_vocab(
         raise ValueError(f"min_count must be at least 1, got {min_count}.")
     counts = collections.Counter(normalize_answer(answer) for answer in answers)
     return [answer for answer, count in counts.items() if count >= min_count]
+
+
+def check_answer_vocab(vocab: Sequence[str]) -> None:
+    """Check an answer vocabulary given by the user.
+
+    Raises ValueError unless it is a non-empty list of distinct strings, and
+    warns about entries that are not normalised: human answers are normalised
+    before the lookup, so an entry like "Red" never gets a target.
+    """
+    if not vocab:
+        raise ValueError("the answer vocabulary is empty.")
+    if not all(isinstance(answer, str) for answer in vocab):
+        raise ValueError("the answer vocabulary must contain only strings.")
+    if len(set(vocab)) != len(vocab):
+        repeated = [a for a, n in collections.Counter(vocab).items() if n > 1]
+        raise ValueError(f"the answer vocabulary repeats {repeated[:5]}.")
+    raw = [(a, normalize_answer(a)) for a in vocab if normalize_answer(a) != a]
+    if raw:
+        examples = ", ".join(f"{a!r} -> {n!r}" for a, n in raw[:5])
+        logger.warning(
+            "%d answers in the vocabulary are not normalised (%s) and never match "
+            "a normalised human answer; store them as normalize_answer returns them",
+            len(raw),
+            examples,
+        )
 
 
 def soft_targets(
