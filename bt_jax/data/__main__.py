@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
     import tensorflow_datasets as tfds
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from bt_jax.data.build import (
         build_dataset,
@@ -158,28 +159,31 @@ def main(argv: list[str] | None = None) -> int:
     # interrupted rebuild puts the previous dataset back.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        if args.command == "build":
-            vocab = _load_answer_vocab(args.answer_vocab) if args.answer_vocab else None
-            dataset = build_dataset(
-                args.format,
-                args.source,
-                args.out,
-                overwrite=args.overwrite,
-                verify_images=args.verify_images,
-                num_threads=args.threads,
-                answer_vocab=vocab,
-                min_answer_count=args.min_answer_count,
+        with logging_redirect_tqdm():
+            tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+            if args.command == "build":
+                vocab = (
+                    _load_answer_vocab(args.answer_vocab) if args.answer_vocab else None
+                )
+                dataset = build_dataset(
+                    args.format,
+                    args.source,
+                    args.out,
+                    overwrite=args.overwrite,
+                    verify_images=args.verify_images,
+                    num_threads=args.threads,
+                    answer_vocab=vocab,
+                    min_answer_count=args.min_answer_count,
+                )
+            elif args.command == "samples":
+                dataset = build_sample_dataset(args.out, overwrite=args.overwrite)
+            else:
+                dataset = args.dataset
+            stats = dataset_statistics(
+                dataset,
+                tokenizer=tokenizer,
+                max_text_length=args.max_text_length if tokenizer else None,
             )
-        elif args.command == "samples":
-            dataset = build_sample_dataset(args.out, overwrite=args.overwrite)
-        else:
-            dataset = args.dataset
-        stats = dataset_statistics(
-            dataset,
-            tokenizer=tokenizer,
-            max_text_length=args.max_text_length if tokenizer else None,
-        )
     except (ValueError, OSError) as err:
         # OSError covers missing files and folders, and an --out that is a file.
         print(f"error: {err}", file=sys.stderr)

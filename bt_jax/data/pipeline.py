@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -290,6 +291,9 @@ class SkipCountingIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, np.ndarray]:
         if self._stream is None:
             self._stream = self._batches.stream(self._position)
+            # Stops worker processes even if close() is never called, before
+            # interpreter shutdown tears down the modules grain's cleanup needs.
+            self._finalizer = weakref.finalize(self, _close_stream, self._stream)
         examples = []
         while len(examples) < self._batches.batch_size:
             try:
@@ -334,10 +338,14 @@ class SkipCountingIterator(grain.DatasetIterator):
     def close(self) -> None:
         """Stop the worker processes, if any; the iterator restarts on next()."""
         if self._stream is not None:
-            close = getattr(self._stream, "close", None)
-            if close is not None:
-                close()
+            self._finalizer()
             self._stream = None
+
+
+def _close_stream(stream: grain.DatasetIterator) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
 
 
 class _Batches(grain.IterDataset):
