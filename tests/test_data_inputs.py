@@ -148,7 +148,8 @@ def test_cli_output_path_is_file_exits_cleanly(tmp_path, photos):
 
 def test_build_recovers_after_killed_rebuild(tmp_path, photos):
     lines = [
-        _line(f"images/{number}.png", f"Coins number {number}.") for number in range(120)
+        _line(f"images/{number}.png", f"Coins number {number}.")
+        for number in range(120)
     ]
     source = tmp_path / "source"
     for number in range(120):
