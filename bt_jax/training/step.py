@@ -1,0 +1,240 @@
+"""The sharded training step: state creation and one jitted update.
+
+The state is a pytree of arrays (`TrainState`), placed on the mesh by the
+logical axis rules: parameters as `bt_jax.sharding.param_shardings` gives,
+optimizer moments like their parameters, scalars replicated. It is created by
+a jitted function whose outputs already carry those shardings, so full
+parameters never sit on one device. The step is one `jax.jit` with explicit
+input and output shardings that donates the old state; gradient accumulation
+runs the microbatches in a `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bt_jax import sharding
+from bt_jax.config import BridgeTowerConfig
+from bt_jax.modeling.heads import BridgeTowerForPreTraining
+from bt_jax.training.objectives import ObjectiveConfig, pretraining_loss
+from bt_jax.training.optim import (
+    OptimizerConfig,
+    group_learning_rates,
+    make_optimizer,
+    parameter_labels,
+)
+
+BATCH_AXES = ("data", "fsdp")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def _path_names(path) -> tuple:
+    """Turn a pytree key path into the names NNX uses, without `.value`."""
+    names = []
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey):
+            continue
+        names.append(getattr(key, "key", getattr(key, "idx", key)))
+    return tuple(names)
+
+
+def _label_function(labels: nnx.State) -> Callable[[Any], Any]:
+    table = {
+        tuple(path): leaf.get_value() if hasattr(leaf, "get_value") else leaf
+        for path, leaf in nnx.to_flat_state(labels)
+    }
+
+    def label_tree(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: table[_path_names(path)], params
+        )
+
+    return label_tree
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Builds the train state and the jitted step for one model on one mesh.
+
+    Attributes:
+      config: the model's configuration.
+      objective: loss weights and ITM negatives; decides the heads.
+      optimizer: AdamW settings.
+      mesh: device mesh with axes data, fsdp and tensor.
+      rules: logical axis rules (`bt_jax.sharding.DEFAULT_RULES`).
+      accumulation_steps: microbatches per step, run in a `lax.scan`.
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    config: BridgeTowerConfig
+    objective: ObjectiveConfig
+    optimizer: OptimizerConfig
+    mesh: Mesh
+    rules: tuple = sharding.DEFAULT_RULES
+    accumulation_steps: int = 1
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.accumulation_steps < 1:
+            raise ValueError(
+                f"accumulation_steps must be positive, got {self.accumulation_steps}."
+            )
+        abstract = nnx.eval_shape(lambda: self._model(jax.random.key(0)))
+        self.graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise NotImplementedError(
+                "the model holds state other than parameters, which Trainer does "
+                "not carry through steps."
+            )
+        self.tx = make_optimizer(
+            self.optimizer, _label_function(parameter_labels(abstract))
+        )
+        # The state contains plain nested dicts of arrays: NNX variable metadata
+        # (such as the mesh it was created under) would make the trees of the
+        # state and of its shardings differ.
+        self.param_shardings = nnx.to_pure_dict(
+            sharding.param_shardings(abstract_params, self.mesh, self.rules)
+        )
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+        abstract_state = jax.eval_shape(self._init, jax.random.key(0))
+        self.state_shardings = self._shardings_like(abstract_state)
+        self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+        self.step = jax.jit(
+            self._step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
+
+    @property
+    def batch_divisor(self) -> int:
+        """Global batch sizes must be multiples of this."""
+        ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return ways * self.accumulation_steps
+
+    def _model(self, seed) -> BridgeTowerForPreTraining:
+        # The rules resolve the parameters' logical axis names when a mesh is set.
+        with nnx.logical_axis_rules(list(self.rules)), nnx.use_eager_sharding(False):
+            return BridgeTowerForPreTraining(
+                self.config,
+                heads=self.objective.heads,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                rngs=nnx.Rngs(params=seed),
+            )
+
+    def _init(self, rng: jax.Array) -> TrainState:
+        params_rng, state_rng = jax.random.split(rng)
+        model = self._model(params_rng)
+        params = jax.tree.map(
+            jax.lax.with_sharding_constraint,
+            nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+            self.param_shardings,
+        )
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            rng=state_rng,
+        )
+
+    def _shardings_like(self, abstract_state: TrainState):
+        """Shard each leaf like the parameter at the end of its path, else replicate."""
+        table = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.param_shardings):
+            table[_path_names(path)] = leaf
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def choose(path, leaf):
+            names = _path_names(path)
+            for start in range(len(names)):
+                found = table.get(names[start:])
+                if found is not None and len(found.spec) <= len(leaf.shape):
+                    return found
+            return replicated
+
+        return jax.tree_util.tree_map_with_path(choose, abstract_state)
+
+    def _loss(self, params, batch, rng):
+        model = nnx.merge(self.graphdef, params)
+        return pretraining_loss(model, batch, rng, self.objective)
+
+    def _step(self, state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        count = self.accumulation_steps
+        if count == 1:
+            (_, metrics), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(functools.partial(_split_micro, count=count), batch)
+
+            def accumulate(carry, inputs):
+                index, microbatch = inputs
+                (_, step_metrics), step_grads = grad_fn(
+                    state.params, microbatch, jax.random.fold_in(rng, index)
+                )
+                grads, metrics = carry
+                grads = jax.tree.map(jnp.add, grads, step_grads)
+                metrics = jax.tree.map(jnp.add, metrics, step_metrics)
+                return (grads, metrics), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            shapes = jax.eval_shape(grad_fn, state.params, _first_micro(micro), rng)
+            metric_zeros = jax.tree.map(
+                lambda x: jnp.zeros(x.shape, x.dtype), shapes[0][1]
+            )
+            (grads, metrics), _ = jax.lax.scan(
+                accumulate, (zeros, metric_zeros), (jnp.arange(count), micro)
+            )
+            grads = jax.tree.map(lambda g: g / count, grads)
+            metrics = jax.tree.map(lambda m: m / count, metrics)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **metrics,
+            "grad_norm": optax.global_norm(grads),
+            **group_learning_rates(self.optimizer, state.step),
+        }
+        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+        return new_state, metrics
+
+    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Place this process's share of the global batch on the mesh."""
+        arrays = {}
+        for key, value in batch.items():
+            if key in ("record_index", "text_index", "question_id"):
+                continue
+            arrays[key] = jax.make_array_from_process_local_data(
+                self.batch_sharding, np.asarray(value)
+            )
+        return arrays
+
+    def model(self, state: TrainState) -> BridgeTowerForPreTraining:
+        """Return the model with the state's parameters, for evaluation."""
+        return nnx.merge(self.graphdef, state.params)
+
+
+def _split_micro(x: jax.Array, count: int) -> jax.Array:
+    # Rows i, i + count, ... form microbatch i, so each device keeps its rows.
+    size = x.shape[0]
+    return jnp.swapaxes(x.reshape(size // count, count, *x.shape[1:]), 0, 1)
+
+
+def _first_micro(micro):
+    return jax.tree.map(lambda x: x[0], micro)
