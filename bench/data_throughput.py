@@ -1,7 +1,8 @@
 """Input pipeline throughput: examples per second against workers and threads.
 
-Builds a JSON Lines dataset from copies of the bundled sample photos (102 to
-1411 px on the long side, most of them 512 px; COCO's are 640 px), then times the full pipeline of `bt_jax.data`: read the record, decode the image,
+Builds a JSON Lines dataset from copies of the bundled sample photos: 102 to
+1411 px on the long side, most of them 512 px, where COCO's are 640 px. Then it
+times the full pipeline of `bt_jax.data`: read the record, decode the image,
 resize and crop to the model's size, normalise, tokenise, mask and batch.
 
     python -m bench.data_throughput [--size 288] [--settings 0x1 0x2 2x1 ...]

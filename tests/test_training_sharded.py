@@ -2,8 +2,8 @@
 
 The meshes run in a subprocess, which needs its own XLA_FLAGS for 8 devices.
 Gradients and metrics of one step (MLM + ITM + ITC, AdamW, dropout on)
-must agree within 1e-5 relative to the single-device step; sharding may only
-reorder floating-point sums. Gradients are compared rather than the updated
+must agree within 1e-5 relative to the single-device step, because sharding
+may only reorder floating-point sums. Gradients are compared rather than the updated
 parameters: Adam's first update is about the sign of each gradient, so for
 gradients that are zero in exact arithmetic (attention key biases; softmax
 ignores a constant added to every score of a query) it is the sign of

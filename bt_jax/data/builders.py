@@ -3,7 +3,7 @@
 Each builder reads a source folder (TFDS's manual directory) in one official
 layout, checks every image by decoding it, and writes one record per image with
 all of that image's texts. The image is stored as the source file's encoded
-bytes, unchanged; bt-jax decodes it with `bt_jax.processing.load_image`, so
+bytes, unchanged. bt-jax decodes it with `bt_jax.processing.load_image`, so
 training gets the same pixels as inference on the original file. Neither
 building nor reading needs TensorFlow.
 

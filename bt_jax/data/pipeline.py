@@ -1,8 +1,8 @@
 """Deterministic, checkpointable grain pipelines from built datasets to batches.
 
 One epoch visits every (image, text) pair once, as the reference pretraining
-does for COCO's five captions per image; `texts="one"` visits each image once
-with one of its texts drawn at random instead. The order of work is
+does for COCO's five captions per image. With `texts="one"` it visits each
+image once instead, with one of its texts drawn at random. The order of work is
 
     pairs -> shuffle(seed, per epoch) -> repeat -> trim to whole global batches
           -> load, decode, preprocess, tokenise, mask (seeded by position)

@@ -243,9 +243,9 @@ class Records(Sequence):
     def texts_per_record(self, progress: bool = True) -> list[int]:
         """Return how many texts each record holds.
 
-        bt-jax's builders store these counts; for other datasets every record is
-        read once (images included, since TFDS reads whole records), which takes
-        a while on large datasets.
+        bt-jax's builders store these counts. For other datasets every record is
+        read once, images included because TFDS reads whole records, which
+        takes a while on large datasets.
         """
         stored = self.metadata.get("texts_per_record", {})
         splits = self.split.split("+")

@@ -95,16 +95,18 @@ class Trainer:
             raise ValueError(
                 f"accumulation_steps must be positive, got {self.accumulation_steps}."
             )
+
         abstract = nnx.eval_shape(lambda: self._model(jax.random.key(0)))
         self.graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
         if jax.tree.leaves(rest):
             raise NotImplementedError(
-                "the model holds state other than parameters, which Trainer does "
+                "the model has state other than parameters, which Trainer does "
                 "not carry through steps."
             )
         self.tx = make_optimizer(
             self.optimizer, _label_function(parameter_labels(abstract))
         )
+
         # The state contains plain nested dicts of arrays: NNX variable metadata
         # (such as the mesh it was created under) would make the trees of the
         # state and of its shardings differ.
@@ -114,6 +116,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
         abstract_state = jax.eval_shape(self._init, jax.random.key(0))
         self.state_shardings = self._shardings_like(abstract_state)
+
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
         self.step = jax.jit(
             self._step,
