@@ -362,24 +362,26 @@ def test_pipeline_shards_partition_pairs(shard_batches, all_pairs):
 def test_pipeline_shard_halves_disjoint(shard_batches):
     first, second = shard_batches
 
-    assert len(first) == len(second)
-    for number, (left, right) in enumerate(zip(first, second, strict=True)):
+    # A final partial global batch fills host 0's block first, so host 1 can
+    # have one batch fewer.
+    assert len(first) - len(second) in (0, 1)
+    for number, (left, right) in enumerate(zip(first, second, strict=False)):
         assert not set(pairs_of([left])) & set(pairs_of([right])), number
 
 
 def test_pipeline_shards_match_single_host(shard_batches, epoch):
-    # Host i of n reads global positions i, i + n, ..., so interleaving the two
-    # hosts' batches rebuilds the single host's batch, masks included.
+    # Host i of n reads block i of each global batch, so the two hosts' batches
+    # one after the other rebuild the single host's batch, masks included.
     first, second = shard_batches
+    second = second + [None] * (len(first) - len(second))
     for number, (left, right, whole) in enumerate(
         zip(first, second, epoch, strict=True)
     ):
         for key in ("record_index", "text_index", "input_ids", "mlm_input_ids"):
-            interleaved = np.empty_like(whole[key])
-            interleaved[0::2] = left[key]
-            interleaved[1::2] = right[key]
+            parts = [left[key]] if right is None else [left[key], right[key]]
+            joined = np.concatenate(parts)
             np.testing.assert_array_equal(
-                interleaved, whole[key], err_msg=f"batch {number}, {key}"
+                joined, whole[key], err_msg=f"batch {number}, {key}"
             )
 
 

@@ -9,8 +9,9 @@ image once instead, with one of its texts drawn at random. The order of work is
           -> this host's slice -> (worker processes) -> skip invalid -> batch
 
 so an element's content depends only on its position in the global stream,
-and host `i` of `n` reads positions `i, i + n, ...`: the hosts' slices of one
-global batch are disjoint and together form it. Examples whose image cannot be
+and host `i` of `n` reads block `i` of each global batch (rows `i * b` to
+`(i + 1) * b - 1` for a host batch of `b`): the hosts' blocks are disjoint and,
+in process order, form the global batch in a single host's row order. Examples whose image cannot be
 decoded or whose text is empty are skipped, logged with their id, and counted
 by the iterator (`iterator.skipped`). The iterator's state (`get_state`,
 `set_state`, or Orbax through `grain.checkpoint.CheckpointSave`) resumes
@@ -348,6 +349,36 @@ def _close_stream(stream: grain.DatasetIterator) -> None:
         close()
 
 
+class _HostBlocks(grain.MapDataset):
+    """This host's block of every global batch: rows [i * b, (i + 1) * b).
+
+    `jax.make_array_from_process_local_data` places process i's rows after
+    those of processes 0 to i - 1, so contiguous blocks give the global array
+    the same row order as a single process reading the whole batch.
+    """
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+        super().__init__(parent)
+        self._index, self._count, self._block = index, count, block
+
+    def __len__(self) -> int:
+        stride = self._count * self._block
+        whole, rest = divmod(len(self._parent), stride)
+        return whole * self._block + min(
+            max(rest - self._index * self._block, 0), self._block
+        )
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return self.slice(position)
+        batch, row = divmod(position, self._block)
+        stride = self._count * self._block
+        return self._parent[batch * stride + self._index * self._block + row]
+
+    def __str__(self) -> str:
+        return f"_HostBlocks(index={self._index}, count={self._count}, block={self._block})"
+
+
 class _Batches(grain.IterDataset):
     """Batches of one host's examples, resumable from any stream position."""
 
@@ -486,7 +517,8 @@ def make_pipeline(
     dataset = dataset.random_map(
         _ExampleTransform(records, processor, config), seed=config.seed
     )
-    dataset = dataset[shard_index::shard_count]
+    if shard_count > 1:
+        dataset = _HostBlocks(dataset, shard_index, shard_count, host_batch)
     # NOTE: skipped examples are not replaced, so with num_epochs set and broken
     # records, hosts can reach the end of the data one batch apart. Multi-host
     # training should use num_epochs=None and stop after a number of steps.
