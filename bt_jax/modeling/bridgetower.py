@@ -37,6 +37,15 @@ from bt_jax.modeling.vision import VisionModel
 # Rows of the token-type table that BridgeTowerModel adds to the cross-modal inputs.
 NUM_TOKEN_TYPES = 2
 ACTIVATION_AXES = ("act_batch", "act_length", "act_embed")
+# What a layer keeps for the backward pass under `BridgeTowerModel.remat`:
+# "full" keeps only the layer's inputs and recomputes the rest, "dots" also
+# keeps the outputs of matmuls without batch dimensions (the projections, not
+# the attention scores).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass
@@ -126,6 +135,9 @@ class BridgeTowerModel(nnx.Module):
 
     def _build(self, config: BridgeTowerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.config = config
+        # Rematerialisation of each layer in `forward_trace` (a REMAT_POLICIES
+        # key); training code sets it before splitting the model.
+        self.remat = "none"
         text, vision = config.text_config, config.vision_config
         width = config.hidden_size
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -259,6 +271,75 @@ class BridgeTowerModel(nnx.Module):
             image = sharding.constrain(block(image), ACTIVATION_AXES)
         return image
 
+    def _run_layer(self, layer: nnx.Module, *args, rngs: nnx.Rngs | None = None):
+        """Call one transformer layer, rematerialised as `self.remat` says.
+
+        Each layer draws one dropout key and gets its own `nnx.Rngs`, with or
+        without remat, so remat never changes the dropout masks.
+        """
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
+            )
+        key = None if rngs is None else rngs.dropout()
+
+        def call(module, key, *args):
+            if key is None:
+                return module(*args)
+            return module(*args, rngs=nnx.Rngs(dropout=key))
+
+        policy = REMAT_POLICIES[self.remat]
+        if policy is None:
+            return call(layer, key, *args)
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, key, *args):
+            return call(nnx.merge(graphdef, state), key, *args)
+
+        return jax.checkpoint(pure, policy=policy)(state, key, *args)
+
+    def _cross_modal_level(
+        self,
+        level: int,
+        cross_text: jax.Array,
+        cross_image: jax.Array,
+        text_mask: jax.Array | None,
+        rngs: nnx.Rngs | None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Run the text and image cross-modal layers of `level` on their inputs.
+
+        Inputs and outputs are constrained to the activation layout, like the
+        uni-modal streams. Without the input constraint, each input keeps the
+        sharding of its transform's output, whose width is split over `tensor`
+        (kernel axes `("embed", "mlp")`). XLA's SPMD partitioner (jaxlib 0.10.2)
+        then miscompiles the attention output projections on mesh (2, 2, 2). It
+        permutes the batch shards of the projection's input and never permutes
+        them back, so the residual add mixes different examples.
+        """
+        cross_text = sharding.constrain(cross_text, ACTIVATION_AXES)
+        cross_image = sharding.constrain(cross_image, ACTIVATION_AXES)
+        # The image stream is never padded, so only keys of the text stream are masked.
+        text_out = self._run_layer(
+            self.cross_modal_text_layers[level],
+            cross_text,
+            cross_image,
+            text_mask,
+            None,
+            rngs=rngs,
+        )
+        image_out = self._run_layer(
+            self.cross_modal_image_layers[level],
+            cross_image,
+            cross_text,
+            None,
+            text_mask,
+            rngs=rngs,
+        )
+        return (
+            sharding.constrain(text_out, ACTIVATION_AXES),
+            sharding.constrain(image_out, ACTIVATION_AXES),
+        )
+
     def forward_trace(
         self,
         input_ids: jax.Array,
@@ -302,7 +383,7 @@ class BridgeTowerModel(nnx.Module):
         text_hidden = [text]
         for layer in text_layers[: config.text_split_index]:
             text = sharding.constrain(
-                layer(text, text_mask, rngs=rngs), ACTIVATION_AXES
+                self._run_layer(layer, text, text_mask, rngs=rngs), ACTIVATION_AXES
             )
             text_hidden.append(text)
 
@@ -312,7 +393,7 @@ class BridgeTowerModel(nnx.Module):
         image = sharding.constrain(image, ACTIVATION_AXES)
         image_hidden = [image]
         for block in blocks[: config.vision_split_index]:
-            image = sharding.constrain(block(image), ACTIVATION_AXES)
+            image = sharding.constrain(self._run_layer(block, image), ACTIVATION_AXES)
             image_hidden.append(image)
 
         # Token-type rows are broadcast over every position of their stream.
@@ -325,12 +406,8 @@ class BridgeTowerModel(nnx.Module):
         cross_image = self.cross_modal_image_layernorm(
             self.image_transform(vision.forward_post(image), 0) + image_type_row
         )
-        # The image stream is never padded, so only keys of the text stream are masked.
-        text_out = self.cross_modal_text_layers[0](
-            cross_text, cross_image, text_mask, None, rngs=rngs
-        )
-        image_out = self.cross_modal_image_layers[0](
-            cross_image, cross_text, None, text_mask, rngs=rngs
+        text_out, image_out = self._cross_modal_level(
+            0, cross_text, cross_image, text_mask, rngs
         )
         cross_hidden = [(text_out, image_out)]
 
@@ -338,9 +415,10 @@ class BridgeTowerModel(nnx.Module):
             text_layer = text_layers[config.text_split_index - 1 + level]
             block = blocks[config.vision_split_index - 1 + level]
             text = sharding.constrain(
-                text_layer(text, text_mask, rngs=rngs), ACTIVATION_AXES
+                self._run_layer(text_layer, text, text_mask, rngs=rngs),
+                ACTIVATION_AXES,
             )
-            image = sharding.constrain(block(image), ACTIVATION_AXES)
+            image = sharding.constrain(self._run_layer(block, image), ACTIVATION_AXES)
             text_hidden.append(text)
             image_hidden.append(image)
 
@@ -353,14 +431,9 @@ class BridgeTowerModel(nnx.Module):
                 + image_type_row,
                 image_out,
             )
-            text_out = self.cross_modal_text_layers[level](
-                cross_text, cross_image, text_mask, None, rngs=rngs
+            text_out, image_out = self._cross_modal_level(
+                level, cross_text, cross_image, text_mask, rngs
             )
-            image_out = self.cross_modal_image_layers[level](
-                cross_image, cross_text, None, text_mask, rngs=rngs
-            )
-            text_out = sharding.constrain(text_out, ACTIVATION_AXES)
-            image_out = sharding.constrain(image_out, ACTIVATION_AXES)
             cross_hidden.append((text_out, image_out))
 
         pooler_output = jnp.concatenate(
