@@ -3,7 +3,8 @@
 #               to bt-jax and print the parity report against PyTorch; then run
 #               the quickstart notebook on the bundled sample photos with a tiny
 #               random checkpoint and save its figure; build the sample photos
-#               as a TFDS dataset and print its statistics
+#               as a TFDS dataset and print its statistics; train a small model
+#               from scratch on the sample photos and write its report and curves
 #   make test   lint and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -32,6 +33,8 @@ demo: setup
 	$(BIN)/python -m bt_jax.data samples $(DEMO_DIR)/data --tokenizer $(DEMO_DIR)/sample-jax --overwrite
 	BT_JAX_CHECKPOINT=$(abspath $(DEMO_DIR))/sample-jax BT_JAX_FIGURE=$(abspath $(DEMO_DIR))/quickstart.png \
 		$(BIN)/python notebooks/execute.py notebooks/quickstart.ipynb $(DEMO_DIR)/quickstart.ipynb
+	rm -rf $(DEMO_DIR)/train
+	$(BIN)/python -m train --config configs/demo.py --workdir $(DEMO_DIR)/train
 
 lint: setup
 	$(BIN)/ruff format --check .

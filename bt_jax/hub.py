@@ -430,12 +430,30 @@ def save_pretrained(
         with open(staging / METADATA_FILE, "w", encoding="utf-8") as f:
             json.dump({"format_version": FORMAT_VERSION, "head": head}, f, indent=2)
             f.write("\n")
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer = _this_process_checkpointer()
         checkpointer.save((staging / PARAMS_DIR).absolute(), tree)
         checkpointer.wait_until_finished()
         _copy_files(extra_files, staging)
     logger.info("Saved %s (%s head, %d tensors)", path, head, len(flat))
     return Path(path)
+
+
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+    """Return a checkpointer that writes from this process alone.
+
+    In a multi-process job the other processes do not take part, so the
+    parameters must be host arrays (numpy) or fully addressable here.
+    """
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    index = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=index,
+            active_processes={index},
+            barrier_sync_key_prefix=f"bt_jax_save_{index}",
+        )
+    )
 
 
 def _check_params_match(

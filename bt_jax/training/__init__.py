@@ -1,8 +1,8 @@
-"""Pretraining building blocks: the optimizer recipe, the objectives and the
-sharded train step.
+"""Pretraining building blocks: the config schema, the optimizer recipe, the
+objectives, the sharded train step, evaluation and metric logs.
 
-The training program that drives them (configs, checkpoints, logs, evaluation)
-is not written yet; `Trainer` already runs a jitted, sharded step.
+`python -m train` (the `train/` program) drives them; `bt_jax.checkpoint` saves
+and restores the state they produce.
 """
 
 from bt_jax.training.objectives import (
@@ -11,13 +11,16 @@ from bt_jax.training.objectives import (
     sample_negatives,
 )
 from bt_jax.training.optim import OptimizerConfig, make_optimizer, parameter_labels
+from bt_jax.training.settings import RunSettings, default_config
 from bt_jax.training.step import Trainer, TrainState
 
 __all__ = [
     "ObjectiveConfig",
     "OptimizerConfig",
+    "RunSettings",
     "TrainState",
     "Trainer",
+    "default_config",
     "make_optimizer",
     "parameter_labels",
     "pretraining_loss",

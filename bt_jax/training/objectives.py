@@ -55,15 +55,22 @@ class ObjectiveConfig:
 
 
 def sample_negatives(
-    similarity: jax.Array, rng: jax.Array, mode: str
+    similarity: jax.Array,
+    rng: jax.Array,
+    mode: str,
+    groups: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Draw a negative image for each text and a negative text for each image.
 
     Args:
       similarity: (B, B) text-to-image scores; row i is text i.
       rng: random key.
-      mode: "hard" samples in proportion to softmax(similarity) without the
-        positive; "random" samples uniformly among the other B - 1.
+      mode: "hard" samples in proportion to softmax(similarity) among the
+        allowed members; "random" samples uniformly among them.
+      groups: optional (B,) ids, such as the record each pair comes from. Members
+        sharing a row's id are not allowed as its negative (the same image with
+        another caption is no negative). A row whose id every member shares
+        falls back to excluding only itself.
 
     Returns:
       `(image_for_text, text_for_image)`, each (B,) int32, never equal to the
@@ -71,12 +78,14 @@ def sample_negatives(
     """
     size = similarity.shape[0]
     text_rng, image_rng = jax.random.split(rng)
+    own = jnp.eye(size, dtype=bool)
+    excluded = own if groups is None else groups[:, None] == groups[None, :]
+    excluded = jnp.where(jnp.all(excluded, axis=-1, keepdims=True), own, excluded)
     if mode == "random":
-        offsets = jax.random.randint(rng, (2, size), 1, max(size, 2))
-        own = jnp.arange(size)
-        return (own + offsets[0]) % size, (own + offsets[1]) % size
-    eye = jnp.eye(size, dtype=bool)
-    masked = jnp.where(eye, -jnp.inf, jax.lax.stop_gradient(similarity))
+        scores = jnp.zeros((size, size), jnp.float32)
+    else:
+        scores = jax.lax.stop_gradient(similarity).astype(jnp.float32)
+    masked = jnp.where(excluded, -jnp.inf, scores)
     image_for_text = jax.random.categorical(text_rng, masked, axis=-1)
     text_for_image = jax.random.categorical(image_rng, masked.T, axis=-1)
     return image_for_text.astype(jnp.int32), text_for_image.astype(jnp.int32)
@@ -91,6 +100,8 @@ def pretraining_loss(
       model: a `BridgeTowerForPreTraining` with the heads `config.heads`.
       batch: `pixel_values`, `input_ids`, `attention_mask`, and for MLM
         `mlm_input_ids` and `mlm_labels` (as `bt_jax.data` produces them).
+        With `record_index`, ITM never uses a pair's own image (paired with
+        another of its captions) as its negative.
       rng: key for dropout and negative sampling.
       config: weights and negative sampling.
     """
@@ -175,7 +186,7 @@ def _itm_loss(model, batch, positive_logits, similarity, rng, dropout_rng, confi
     if similarity is None:
         similarity = jnp.zeros((size, size), jnp.float32)
     image_for_text, text_for_image = sample_negatives(
-        similarity, rng, config.itm_negatives
+        similarity, rng, config.itm_negatives, batch.get("record_index")
     )
     negative_ids = jnp.concatenate([ids, ids[text_for_image]])
     negative_mask = jnp.concatenate([mask, mask[text_for_image]])

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bt_jax import sharding
 from bt_jax.config import BridgeTowerConfig
+from bt_jax.modeling.bridgetower import REMAT_POLICIES
 from bt_jax.modeling.heads import BridgeTowerForPreTraining
 from bt_jax.training.objectives import ObjectiveConfig, pretraining_loss
 from bt_jax.training.optim import (
@@ -80,6 +81,8 @@ class Trainer:
       rules: logical axis rules (`bt_jax.sharding.DEFAULT_RULES`).
       accumulation_steps: microbatches per step, run in a `lax.scan`.
       dtype: compute dtype (parameters stay float32).
+      remat: per-layer rematerialisation, "none", "full" or "dots"
+        (`bt_jax.modeling.bridgetower.REMAT_POLICIES`).
     """
 
     config: BridgeTowerConfig
@@ -89,8 +92,13 @@ class Trainer:
     rules: tuple = sharding.DEFAULT_RULES
     accumulation_steps: int = 1
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
+            )
         if self.accumulation_steps < 1:
             raise ValueError(
                 f"accumulation_steps must be positive, got {self.accumulation_steps}."
@@ -118,6 +126,11 @@ class Trainer:
         self.state_shardings = self._shardings_like(abstract_state)
 
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+        self.init_from_params = jax.jit(
+            self._init_from_params,
+            in_shardings=(self.state_shardings.params, None),
+            out_shardings=self.state_shardings,
+        )
         self.step = jax.jit(
             self._step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -134,13 +147,15 @@ class Trainer:
     def _model(self, seed) -> BridgeTowerForPreTraining:
         # The rules resolve the parameters' logical axis names when a mesh is set.
         with nnx.logical_axis_rules(list(self.rules)), nnx.use_eager_sharding(False):
-            return BridgeTowerForPreTraining(
+            model = BridgeTowerForPreTraining(
                 self.config,
                 heads=self.objective.heads,
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 rngs=nnx.Rngs(params=seed),
             )
+        model.bridgetower.remat = self.remat
+        return model
 
     def _init(self, rng: jax.Array) -> TrainState:
         params_rng, state_rng = jax.random.split(rng)
@@ -155,6 +170,25 @@ class Trainer:
             params=params,
             opt_state=self.tx.init(params),
             rng=state_rng,
+        )
+
+    def _init_from_params(self, params: dict, rng: jax.Array) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            rng=jax.random.split(rng)[1],
+        )
+
+    def abstract_state(self) -> TrainState:
+        """Return the state's shapes, dtypes and shardings, allocating nothing."""
+        shapes = jax.eval_shape(self._init, jax.random.key(0))
+        return jax.tree.map(
+            lambda shape, sharding: jax.ShapeDtypeStruct(
+                shape.shape, shape.dtype, sharding=sharding
+            ),
+            shapes,
+            self.state_shardings,
         )
 
     def _shardings_like(self, abstract_state: TrainState):
@@ -221,7 +255,7 @@ class Trainer:
         """Place this process's share of the global batch on the mesh."""
         arrays = {}
         for key, value in batch.items():
-            if key in ("record_index", "text_index", "question_id"):
+            if key in ("text_index", "question_id"):
                 continue
             arrays[key] = jax.make_array_from_process_local_data(
                 self.batch_sharding, np.asarray(value)
@@ -230,7 +264,10 @@ class Trainer:
 
     def model(self, state: TrainState) -> BridgeTowerForPreTraining:
         """Return the model with the state's parameters, for evaluation."""
-        return nnx.merge(self.graphdef, state.params)
+        return self.model_from_params(state.params)
+
+    def model_from_params(self, params: dict) -> BridgeTowerForPreTraining:
+        return nnx.merge(self.graphdef, params)
 
 
 def _split_micro(x: jax.Array, count: int) -> jax.Array:

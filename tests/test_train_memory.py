@@ -1,0 +1,106 @@
+"""`python -m train.memory`: an ahead-of-time compile of the train step with
+bfloat16 compute and per-layer remat, on 4 simulated devices."""
+
+import json
+import math
+import subprocess
+import sys
+
+from helpers import REPO
+
+from bt_jax.config import load_preset
+
+
+def _small_model(directory) -> str:
+    config = load_preset(REPO / "configs" / "tiny.py").to_dict()
+    config["num_hidden_layers"] = 1
+    config["text_config"]["num_hidden_layers"] = 2
+    config["vision_config"]["num_hidden_layers"] = 2
+    path = directory / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def _parameter_count(model: str) -> int:
+    """Count the pretraining model's parameters from abstract shapes."""
+    import jax
+    from flax import nnx
+
+    from bt_jax.config import BridgeTowerConfig
+    from bt_jax.modeling import BridgeTowerForPreTraining
+
+    config = BridgeTowerConfig.from_json_file(model)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(
+            lambda: BridgeTowerForPreTraining(config, rngs=nnx.Rngs(0))
+        )
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    return sum(math.prod(leaf.shape) for leaf in leaves)
+
+
+def test_memory_estimate_bf16_remat_on_mesh(tmp_path):
+    model = _small_model(tmp_path)
+    output = tmp_path / "estimate.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.memory",
+            "--config",
+            str(REPO / "configs" / "demo.py"),
+            "--devices",
+            "4",
+            f"--config.model={model}",
+            "--config.mesh_shape=(1, 2, 2)",
+            "--config.dtype=bfloat16",
+            "--config.remat=full",
+            "--config.global_batch_size=4",
+            "--config.data.max_text_length=12",
+            "--json",
+            str(output),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "per device:" in completed.stdout
+    result = json.loads(output.read_text())
+    assert result["devices"] == 4
+    assert result["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert result["dtype"] == "bfloat16"
+    count = _parameter_count(model)
+    assert result["parameters"] == count
+    # float32 parameters split over fsdp and tensor: the largest shard holds
+    # between a quarter and all of them (small vectors are replicated).
+    assert count * 4 / 4 <= result["params_bytes"] < count * 4
+    # AdamW keeps two moments per parameter, sharded like the parameters.
+    assert 2 * result["params_bytes"] <= result["optimizer_bytes"]
+    assert result["optimizer_bytes"] < 2 * result["params_bytes"] + 1024
+    pixels = 4 * 32 * 32 * 3 * 4 // 2  # float32, batch split two ways
+    assert result["batch_bytes"] >= pixels
+    assert result["temporary_bytes"] > 0
+
+
+def test_memory_bad_mesh_is_one_line_error(tmp_path):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.memory",
+            "--config",
+            str(REPO / "configs" / "demo.py"),
+            "--devices",
+            "4",
+            "--config.mesh_shape=(3, 1, 1)",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "config.mesh_shape" in completed.stderr
+    assert "needs 3 devices but 4 are available" in completed.stderr
+    assert "Traceback" not in completed.stderr

@@ -1,0 +1,31 @@
+"""Flag parsing shared by the training programs."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse absl flags; an unknown config field or a bad value exits with a one-line error."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        # ml_collections raises AttributeError(KeyError("'name'\nDid you mean ...")).
+        text = str(error).replace("\\n", "\n").replace("\\", "")
+        names = re.findall(r"'([A-Za-z0-9_]+)'", text)
+        suggestion = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
+        overrides = [arg for arg in argv if arg.startswith("--config.")]
+        field = names[0] if names else text
+        hint = f' Did you mean "{suggestion.group(1)}"?' if suggestion else ""
+        print(
+            f"error: the config has no field {field!r} (in {' '.join(overrides)}).{hint} "
+            "See bt_jax.training.settings.default_config for the fields.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

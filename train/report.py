@@ -1,0 +1,100 @@
+"""The end-of-run report: a short text summary and a plot of the curves."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from bt_jax.training.metric_writer import read_metrics
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.txt"
+PLOT_FILE = "curves.png"
+_LOSSES = ("loss", "mlm_loss", "itm_loss", "itc_loss")
+_RECALLS = ("text_to_image_r1", "image_to_text_r1", "itm_accuracy")
+
+
+def summarize(train: list[dict], evals: list[dict]) -> str:
+    """Return the report text from the train and eval records of `metrics.jsonl`."""
+    lines = []
+    if train:
+        first, last = train[0], train[-1]
+        lines.append(f"steps {first['step']} to {last['step']} (logged means):")
+        for name in _LOSSES:
+            if first.get(name) is not None and last.get(name) is not None:
+                lines.append(f"  {name:<10} {first[name]:8.4f} -> {last[name]:8.4f}")
+        speed = [
+            r["examples_per_second"] for r in train if r.get("examples_per_second")
+        ]
+        if speed:
+            lines.append(f"  examples/s {sorted(speed)[len(speed) // 2]:8.1f} (median)")
+    if evals:
+        last = evals[-1]
+        images = last.get("images")
+        examples = last.get("examples")
+        lines.append(
+            f"evaluation at step {last['step']} on {int(examples or 0)} pairs of "
+            f"{int(images or 0)} images:"
+        )
+        if last.get("itm_accuracy") is not None:
+            lines.append(f"  ITM accuracy     {last['itm_accuracy']:.3f} (chance 0.5)")
+        if images:
+            for direction, chance in (
+                ("text_to_image", 1 / images),
+                ("image_to_text", 1 / images),
+            ):
+                recalls = " ".join(
+                    f"R@{k} {last[f'{direction}_r{k}']:.3f}"
+                    for k in (1, 5, 10)
+                    if last.get(f"{direction}_r{k}") is not None
+                )
+                label = direction.replace("_", " ")
+                lines.append(f"  {label:<16} {recalls} (R@1 chance about {chance:.3f})")
+    return "\n".join(lines)
+
+
+def write_report(workdir: str | Path, config=None) -> str:
+    """Write `report.txt` and `curves.png` into the workdir; return the report text."""
+    del config
+    workdir = Path(workdir)
+    train = read_metrics(workdir, "train")
+    evals = read_metrics(workdir, "eval")
+    text = summarize(train, evals)
+    (workdir / REPORT_FILE).write_text(text + "\n", encoding="utf-8")
+    if train:
+        plot_curves(train, evals, workdir / PLOT_FILE)
+        text += f"\nplot: {workdir / PLOT_FILE}"
+    return text
+
+
+def plot_curves(train: list[dict], evals: list[dict], path: Path) -> None:
+    """Plot the training losses and the evaluation scores against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (losses, scores) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [record["step"] for record in train]
+    for name in _LOSSES:
+        values = [record.get(name) for record in train]
+        if any(value is not None for value in values):
+            losses.plot(steps, values, label=name)
+    losses.set_xlabel("step")
+    losses.set_ylabel("loss (mean over the log window)")
+    losses.set_title("training losses")
+    losses.legend()
+    if evals:
+        eval_steps = [record["step"] for record in evals]
+        for name in _RECALLS:
+            values = [record.get(name) for record in evals]
+            if any(value is not None for value in values):
+                scores.plot(eval_steps, values, marker="o", label=name)
+        scores.set_ylim(0, 1.02)
+        scores.legend()
+    scores.set_xlabel("step")
+    scores.set_title("evaluation")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

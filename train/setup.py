@@ -1,0 +1,241 @@
+"""What a run needs before its first step: processes, mesh, model config, data, processor.
+
+Every check here runs before anything is compiled, so a bad mesh, batch size,
+path or workdir fails in seconds with a message naming the value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import jax
+
+from bt_jax import hub, processing, sharding
+from bt_jax.config import BridgeTowerConfig, load_preset
+from bt_jax.data import open_records
+from bt_jax.data.build import build_sample_dataset
+from bt_jax.data.reading import Records
+from bt_jax.training.step import Trainer
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+TOKENIZER_DIR = "tokenizer"
+# Captions read to train a tokenizer when none is given; more adds little.
+TOKENIZER_TRAINING_RECORDS = 100_000
+# Environment variables of launchers that `jax.distributed.initialize()`
+# detects by itself (Cloud TPU, Slurm, Open MPI).
+_LAUNCHER_VARIABLES = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def initialize_distributed() -> None:
+    """Join the other processes of a multi-host job, if this is one.
+
+    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` name the
+    coordinator (host:port of process 0) and this process explicitly; under
+    Cloud TPU, Slurm or Open MPI JAX finds them itself. Without any of these
+    the run is a single process.
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        try:
+            count = int(os.environ["JAX_NUM_PROCESSES"])
+            index = int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                "JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and "
+                f"JAX_PROCESS_ID must be integers too ({error!r})."
+            ) from None
+        jax.distributed.initialize(address, num_processes=count, process_id=index)
+    elif any(os.environ.get(name) for name in _LAUNCHER_VARIABLES):
+        jax.distributed.initialize()
+    else:
+        return
+    logger.info(
+        "joined %d processes as process %d (%d local devices of %d)",
+        jax.process_count(),
+        jax.process_index(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def make_mesh(mesh_shape) -> jax.sharding.Mesh:
+    """Build the (data, fsdp, tensor) mesh; raise ValueError if it does not fit."""
+    try:
+        return sharding.make_mesh(tuple(mesh_shape))
+    except ValueError as error:
+        raise ValueError(f"config.mesh_shape: {error}") from None
+
+
+def check_batch(config, mesh: jax.sharding.Mesh) -> int:
+    """Check that the global batch splits over the batch axes, microbatches and hosts.
+
+    Returns:
+      This process's share of each global batch.
+    """
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    divisor = batch_ways * config.accumulation_steps
+    if config.global_batch_size % divisor:
+        raise ValueError(
+            f"config.global_batch_size={config.global_batch_size} is not divisible by "
+            f"the {batch_ways} batch shards (mesh data × fsdp) times "
+            f"{config.accumulation_steps} accumulation steps; use a multiple of {divisor}."
+        )
+    processes = jax.process_count()
+    eval_divisor = math.lcm(batch_ways, processes)
+    if config.eval.batch_size % eval_divisor:
+        raise ValueError(
+            f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
+            f"{eval_divisor} (the batch shards and processes); use a multiple of it."
+        )
+    return config.global_batch_size // processes
+
+
+def make_trainer(config, settings, model_config, mesh) -> Trainer:
+    """Build the train state's layout and the jitted step (nothing is compiled yet)."""
+    return Trainer(
+        model_config,
+        settings.objective,
+        settings.optimizer,
+        mesh,
+        accumulation_steps=config.accumulation_steps,
+        dtype=settings.dtype,
+        remat=config.remat,
+    )
+
+
+def load_model_config(config) -> BridgeTowerConfig:
+    """Read the architecture from `config.model` (or from `config.init_from`)."""
+    source = config.model or config.init_from
+    path = Path(source)
+    if path.suffix == ".py":
+        return load_preset(path)
+    if path.is_file():
+        return BridgeTowerConfig.from_json_file(path)
+    return hub.load_config(path)
+
+
+def check_workdir(workdir: Path, model_config: BridgeTowerConfig, heads) -> None:
+    """Record the run's model in the workdir, or check it against the recorded one.
+
+    Raises:
+      ValueError: the workdir holds a run of another model.
+    """
+    record = {"model": model_config.to_dict(), "heads": list(heads)}
+    path = workdir / RUN_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        differences = _differences(stored, json.loads(json.dumps(record)))
+        if differences:
+            raise ValueError(
+                f"{workdir} holds a run of another model ({'; '.join(differences[:3])}). "
+                "Use a new --workdir, or delete the old one to start over."
+            )
+        return
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _differences(stored, current, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(stored) | set(current)):
+            name = f"{prefix}{key}"
+            if key not in stored or key not in current:
+                found.append(f"{name} only in one of them")
+            else:
+                found.extend(_differences(stored[key], current[key], f"{name}."))
+        return found
+    if stored != current:
+        return [f"{prefix.rstrip('.')}: {stored!r} stored, {current!r} now"]
+    return []
+
+
+def dataset_path(config, workdir: Path) -> str:
+    """Return the dataset to read, building the bundled samples if asked for."""
+    if config.data.dataset != "samples":
+        return config.data.dataset
+    target = workdir / "data"
+    built = target / "bt_image_text"
+    if not built.is_dir():
+        if jax.process_index() == 0:
+            logger.info("building the sample photos as a dataset in %s", target)
+            build_sample_dataset(target)
+        _sync("sample dataset")
+    return str(built)
+
+
+def open_split(config, dataset: str, split: str) -> Records:
+    return open_records(dataset, split, data_dir=config.data.data_dir or None)
+
+
+def load_processor(
+    config, model_config: BridgeTowerConfig, records: Records, workdir: Path
+) -> processing.BridgeTowerProcessor:
+    """Return the processor: the tokenizer asked for, or one trained on the captions."""
+    image_size = model_config.vision_config.image_size
+    max_length = model_config.text_config.max_text_length
+    source = config.tokenizer or config.init_from
+    if source and _has_tokenizer(Path(source)):
+        tokenizer = processing.load_tokenizer(source)
+        image_processor = processing.BridgeTowerImageProcessor.from_pretrained(source)
+    elif config.tokenizer:
+        raise FileNotFoundError(
+            f"config.tokenizer={config.tokenizer!r} has no tokenizer files "
+            "(vocab.json and merges.txt, or tokenizer.json)."
+        )
+    else:
+        tokenizer = _trained_tokenizer(model_config, records, workdir / TOKENIZER_DIR)
+        image_processor = processing.BridgeTowerImageProcessor(size=image_size)
+    output_size = image_processor.output_shape(image_size, image_size)
+    if output_size != (image_size, image_size):
+        raise ValueError(
+            f"the image processor makes {output_size} images but the model takes "
+            f"{image_size} px; fix preprocessor_config.json in {source}."
+        )
+    vocab = model_config.text_config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+            f"has {vocab}; use a matching tokenizer or model."
+        )
+    return processing.BridgeTowerProcessor(
+        image_processor, tokenizer, max_text_length=max_length
+    )
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.json").is_file() or (
+        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    )
+
+
+def _trained_tokenizer(model_config, records: Records, directory: Path):
+    if (directory / "vocab.json").is_file():
+        return processing.load_tokenizer(directory)
+    if jax.process_index() == 0:
+        count = min(len(records), TOKENIZER_TRAINING_RECORDS)
+        logger.info(
+            "training a %d-token byte-level BPE tokenizer on the captions of %d records",
+            model_config.text_config.vocab_size,
+            count,
+        )
+        texts = [text for index in range(count) for text in records[index]["texts"]]
+        processing.train_tokenizer(
+            texts, directory, vocab_size=model_config.text_config.vocab_size
+        )
+    _sync("tokenizer")
+    return processing.load_tokenizer(directory)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"bt_jax {name} ready")
