@@ -123,6 +123,7 @@ def from_pretrained(
     rules=sharding.DEFAULT_RULES,
     init_missing_heads: bool = False,
     seed: int = 0,
+    config: BridgeTowerConfig | None = None,
 ) -> tuple[nnx.Module, nnx.State]:
     """Load a model and its parameters from a checkpoint directory.
 
@@ -140,6 +141,9 @@ def from_pretrained(
         (with a warning) instead of raising. Useful to start fine-tuning a head
         from a backbone checkpoint.
       seed: seed of that random initialisation.
+      config: use this config instead of the checkpoint's `config.json`, for
+        example to give sizes to a head the checkpoint lacks. The stored
+        weights must still match it.
 
     Returns:
       `(model, params)`: the NNX module with weights loaded, and its parameter
@@ -150,7 +154,7 @@ def from_pretrained(
       ValueError: config.json is not a valid BridgeTower config, or the weights do
         not match it (`CheckpointMismatchError`, `CheckpointFileError`).
     """
-    config = load_config(path)
+    config = config or load_config(path)
     head = head or _saved_head(path) or config.default_head
     model = abstract_model(
         config, head, dtype=dtype, param_dtype=param_dtype or jnp.float32

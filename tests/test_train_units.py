@@ -291,3 +291,13 @@ def test_finish_step_non_finite_loss_names_step():
         _finish_step(17, metrics)
     values = _finish_step(3, {"loss": jnp.array(2.5)})
     assert values == {"loss": 2.5}
+
+
+def test_setup_model_config_gets_itc_sizes():
+    config = _config(model=str(REPO / "configs" / "base.py"))
+    plain = setup.load_model_config(config)
+    assert plain.contrastive_hidden_size is None
+    with_itc = setup.load_model_config(config, ("mlm", "itc"))
+    assert with_itc.contrastive_hidden_size == 512
+    assert with_itc.logit_scale_init_value == 2.6592
+    assert with_itc.hidden_size == plain.hidden_size

@@ -124,7 +124,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
     )
 
     _stage("model and data")
-    model_config = setup.load_model_config(config)
+    model_config = setup.load_model_config(config, settings.objective.heads)
     setup.check_workdir(workdir, model_config, settings.objective.heads)
     dataset = setup.dataset_path(config, workdir)
     train_records = setup.open_split(config, dataset, config.data.train_split)
@@ -171,6 +171,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
             mesh=mesh,
             init_missing_heads=True,
             seed=config.seed,
+            config=model_config,
         )
         state = trainer.init_from_params(
             nnx.to_pure_dict(params), jax.random.key(config.seed)

@@ -91,7 +91,7 @@ def estimate(config) -> dict:
     settings = RunSettings.from_config(config)
     mesh = setup.make_mesh(config.mesh_shape)
     setup.check_batch(config, mesh)
-    model_config = setup.load_model_config(config)
+    model_config = setup.load_model_config(config, settings.objective.heads)
     trainer = setup.make_trainer(config, settings, model_config, mesh)
     state = trainer.abstract_state()
     batch = abstract_batch(config, model_config, mesh)

@@ -24,6 +24,8 @@ from bt_jax.training.step import Trainer
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+# ITC head sizes of the released bridgetower-large-itm-mlm-itc config.json.
+ITC_DEFAULTS = {"contrastive_hidden_size": 512, "logit_scale_init_value": 2.6592}
 TOKENIZER_DIR = "tokenizer"
 # Captions read to train a tokenizer when none is given; more adds little.
 TOKENIZER_TRAINING_RECORDS = 100_000
@@ -109,15 +111,30 @@ def make_trainer(config, settings, model_config, mesh) -> Trainer:
     )
 
 
-def load_model_config(config) -> BridgeTowerConfig:
-    """Read the architecture from `config.model` (or from `config.init_from`)."""
-    source = config.model or config.init_from
+def load_model_config(config, heads=()) -> BridgeTowerConfig:
+    """Read the architecture from `config.init_from` if set, else `config.model`.
+
+    Presets and checkpoints without an ITC head leave its sizes unset; when
+    `heads` include "itc" they get those of the released itm-mlm-itc
+    checkpoints (`ITC_DEFAULTS`).
+    """
+    source = config.init_from or config.model
     path = Path(source)
     if path.suffix == ".py":
-        return load_preset(path)
-    if path.is_file():
-        return BridgeTowerConfig.from_json_file(path)
-    return hub.load_config(path)
+        model_config = load_preset(path)
+    elif path.is_file():
+        model_config = BridgeTowerConfig.from_json_file(path)
+    else:
+        model_config = hub.load_config(path)
+    missing = {
+        name: value
+        for name, value in ITC_DEFAULTS.items()
+        if getattr(model_config, name) is None
+    }
+    if "itc" in heads and missing:
+        logger.info("the model config has no ITC sizes; using %s", missing)
+        model_config = model_config.replace(**missing)
+    return model_config
 
 
 def check_workdir(workdir: Path, model_config: BridgeTowerConfig, heads) -> None:

@@ -27,10 +27,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     Top level:
       model: a model preset file (`configs/base.py`), a `config.json`, or a
-        checkpoint directory, whose architecture is trained from random weights
-        unless `init_from` is set.
+        checkpoint directory, whose architecture is trained from random weights.
       init_from: a checkpoint directory `bt_jax.from_pretrained` reads; its
-        weights start the run. Heads it lacks start from random weights.
+        architecture and weights start the run, and `model` is ignored. Heads
+        it lacks start from random weights.
       tokenizer: a directory with the tokenizer files. Empty: the tokenizer of
         `init_from`, or else a byte-level BPE vocabulary of the model's
         vocabulary size trained on the training captions.
