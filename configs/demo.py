@@ -10,6 +10,10 @@ trains the model of `configs/sample.py` (64 px images, 3 text and 3 vision
 layers of width 64) with MLM, ITM and ITC. Evaluation scores the same photos,
 so retrieval recall shows what the model memorised, not how it generalises.
 
+NOTE: in these 400 steps ITC learns to retrieve every photo but ITM stays at
+chance (its loss stays near that of always answering "no match"). Whether
+more steps make it learn was not measured.
+
 Fields people change:
   total_steps, global_batch_size: length and batch of the run.
   optimizer.learning_rate: the peak learning rate.

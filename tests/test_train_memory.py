@@ -104,3 +104,40 @@ def test_memory_bad_mesh_is_one_line_error(tmp_path):
     assert "config.mesh_shape" in completed.stderr
     assert "needs 3 devices but 4 are available" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_memory_nocompile_counts_state_only(tmp_path):
+    model = _small_model(tmp_path)
+    output = tmp_path / "estimate.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.memory",
+            "--config",
+            str(REPO / "configs" / "demo.py"),
+            "--devices",
+            "2",
+            "--nocompile",
+            f"--config.model={model}",
+            "--config.mesh_shape=(1, 2, 1)",
+            "--config.global_batch_size=4",
+            "--json",
+            str(output),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "temporaries are not counted" in completed.stdout
+    result = json.loads(output.read_text())
+    assert result["temporary_bytes"] is None
+    assert result["compile_seconds"] is None
+    expected = (
+        result["params_bytes"] + result["optimizer_bytes"] + result["batch_bytes"]
+    )
+    assert result["total_bytes"] == expected
+    # Every dimension of width 64 splits two ways over fsdp; the rest is small.
+    assert result["params_bytes"] < _parameter_count(model) * 4 * 0.6

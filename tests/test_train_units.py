@@ -165,7 +165,7 @@ def test_report_summary_and_plot(tmp_path):
     )
     writer.close()
     text = report.write_report(tmp_path)
-    assert "loss" in text and "3.0000 ->   1.0000" in text
+    assert "3.0000 ->   1.0000" in text
     assert "R@1 0.750" in text
     assert "chance about 0.250" in text
     assert (tmp_path / report.PLOT_FILE).stat().st_size > 0
@@ -183,13 +183,27 @@ def test_setup_batch_not_divisible():
         setup.check_batch(config, mesh)
 
 
-def test_workdir_other_model_rejected(tmp_path):
-    tiny = setup.load_model_config(_config())
-    setup.check_workdir(tmp_path, tiny, ("mlm",))
-    setup.check_workdir(tmp_path, tiny, ("mlm",))
+def test_workdir_other_model_rejected(tmp_path, caplog):
+    config = _config()
+    tiny = setup.load_model_config(config)
+    record = setup.check_workdir(tmp_path, tiny, ("mlm",), config)
+    setup.record_run(tmp_path, record)
+    (tmp_path / setup.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    changed = _config(global_batch_size=64)
+    setup.check_workdir(tmp_path, tiny, ("mlm",), changed)
+    assert "global_batch_size: 32 stored, 64 now" in caplog.text
     base = setup.load_model_config(_config(model=str(REPO / "configs" / "base.py")))
     with pytest.raises(ValueError, match=r"holds a run of another model.*hidden_size"):
-        setup.check_workdir(tmp_path, base, ("mlm",))
+        setup.check_workdir(tmp_path, base, ("mlm",), config)
+
+
+def test_workdir_without_checkpoints_is_new(tmp_path):
+    config = _config()
+    tiny = setup.load_model_config(config)
+    setup.record_run(tmp_path, setup.check_workdir(tmp_path, tiny, ("mlm",), config))
+    base = setup.load_model_config(_config(model=str(REPO / "configs" / "base.py")))
+    record = setup.check_workdir(tmp_path, base, ("mlm",), config)
+    assert record["model"]["hidden_size"] == 768
 
 
 def _state(shapes: dict) -> TrainState:
@@ -291,6 +305,9 @@ def test_finish_step_non_finite_loss_names_step():
         _finish_step(17, metrics)
     values = _finish_step(3, {"loss": jnp.array(2.5)})
     assert values == {"loss": 2.5}
+    exploded = {"loss": jnp.array(2.5), "param_norm": jnp.array(jnp.inf)}
+    with pytest.raises(NonFiniteLossError, match=r"parameter norm .* is inf at step 4"):
+        _finish_step(4, exploded)
 
 
 def test_setup_model_config_gets_itc_sizes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -10,6 +11,15 @@ from absl import flags
 
 def parse_flags(argv: list[str]) -> list[str]:
     """Parse absl flags; an unknown config field or a bad value exits with a one-line error."""
+    for index, arg in enumerate(argv):
+        path = None
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and index + 1 < len(argv):
+            path = argv[index + 1]
+        if path is not None and not os.path.isfile(path):
+            print(f"error: config file not found: {path}", file=sys.stderr)
+            sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:
@@ -26,6 +36,6 @@ def parse_flags(argv: list[str]) -> list[str]:
             file=sys.stderr,
         )
         sys.exit(2)
-    except flags.Error as error:
+    except (flags.Error, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

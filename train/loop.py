@@ -36,7 +36,6 @@ from train import report, setup
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 
 
@@ -45,20 +44,29 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopRequest:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks
+    between steps; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        for number in self.SIGNALS:
+            self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def _handle(self, signum, frame):
         del frame
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         logger.warning(
-            "received signal %d; saving a checkpoint after this step", signum
+            "received %s; saving a checkpoint after this step (press Ctrl-C "
+            "again to stop without saving)",
+            name,
         )
         self.requested = True
 
@@ -70,7 +78,8 @@ class _StopRequest:
         return bool(np.any(flags))
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def _stage(message: str, *args) -> None:
@@ -125,7 +134,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
 
     _stage("model and data")
     model_config = setup.load_model_config(config, settings.objective.heads)
-    setup.check_workdir(workdir, model_config, settings.objective.heads)
+    run_record = setup.check_workdir(
+        workdir, model_config, settings.objective.heads, config
+    )
     dataset = setup.dataset_path(config, workdir)
     train_records = setup.open_split(config, dataset, config.data.train_split)
     eval_records = None
@@ -150,7 +161,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
     trainer = setup.make_trainer(config, settings, model_config, mesh)
     abstract = trainer.abstract_state()
     checkpoints = RunCheckpoints(
-        workdir / CHECKPOINT_DIR,
+        workdir / setup.CHECKPOINT_DIR,
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
     )
@@ -180,6 +191,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
         _stage("initialising random weights (seed %d)", config.seed)
         state = trainer.init(jax.random.key(config.seed))
 
+    setup.record_run(workdir, run_record)
     evaluator = None
     if eval_records is not None:
         evaluator = _make_evaluator(
@@ -265,6 +277,14 @@ def _make_evaluator(trainer, records, processor, config, train_pipeline):
     host_batch = config.eval.batch_size // jax.process_count()
     evaluator = Evaluator(trainer, host_batch)
     pairs = sum(records.texts_per_record(progress=False))
+    if pairs < config.eval.batch_size:
+        # Every process needs rows in the first batch; its block of a short
+        # one could be empty while the others wait for it.
+        raise ValueError(
+            f"the evaluation split {config.data.eval_split} has {pairs} pairs "
+            f"(with eval.max_images={config.eval.max_images}), fewer than "
+            f"eval.batch_size={config.eval.batch_size}; lower eval.batch_size."
+        )
     steps = math.ceil(pairs / config.eval.batch_size)
 
     def run(state):
@@ -287,6 +307,7 @@ def _loop(
         logger.info(
             "step %d already reached total_steps=%d; nothing to train", start, total
         )
+        return {"state": state, "step": start, "eval": {}}
     _stage("training steps %d to %d", start + 1, total)
     window: list[dict[str, float]] = []
     window_start = time.perf_counter()
@@ -385,17 +406,25 @@ def _loop(
 
 
 def _finish_step(step: int, metrics) -> dict[str, float]:
+    """Fetch a step's metrics; raise if its loss, gradients or new parameters
+    are not finite, before that state can be checkpointed."""
     values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-    if not math.isfinite(values["loss"]):
-        parts = ", ".join(
-            f"{name} {value:.4g}" for name, value in sorted(values.items())
-        )
-        raise NonFiniteLossError(
-            f"the loss is {values['loss']} at step {step} ({parts}). The run stopped "
-            "without saving this state; lower optimizer.learning_rate, set "
-            "optimizer.grad_clip_norm, or use dtype=float32, then resume from the "
-            "last checkpoint."
-        )
+    for name, what in (
+        ("loss", "the loss"),
+        ("grad_norm", "the gradient norm"),
+        ("param_norm", "the parameter norm after the update"),
+    ):
+        if name in values and not math.isfinite(values[name]):
+            parts = ", ".join(
+                f"{key} {value:.4g}" for key, value in sorted(values.items())
+            )
+            raise NonFiniteLossError(
+                f"{what} is {values[name]} at step {step} ({parts}). The run "
+                "stopped without saving this state; lower "
+                "optimizer.learning_rate or set optimizer.grad_clip_norm (or use "
+                "dtype=float32 if it is bfloat16), then resume from the last "
+                "checkpoint."
+            )
     return values
 
 

@@ -35,6 +35,12 @@ _DEVICES = flags.DEFINE_integer(
     "the devices present.",
 )
 _JSON = flags.DEFINE_string("json", "", "Also write the estimate to this JSON file.")
+_COMPILE = flags.DEFINE_boolean(
+    "compile",
+    True,
+    "Compile the step to measure its temporaries; --nocompile reports only the "
+    "parameters, optimizer state and batch, in seconds.",
+)
 
 logger = logging.getLogger("train.memory")
 
@@ -81,24 +87,30 @@ def abstract_batch(config, model_config, mesh):
     }
 
 
-def estimate(config) -> dict:
-    """Compile `config`'s train step ahead of time; return bytes per device."""
+def estimate(config, *, compile_step: bool = True) -> dict:
+    """Return bytes per device of `config`'s train step.
+
+    With `compile_step`, the step is compiled ahead of time and XLA's memory
+    analysis gives its temporaries; without, temporaries are None.
+    """
     import jax
 
     from bt_jax.training.settings import RunSettings
     from train import setup
 
-    settings = RunSettings.from_config(config)
+    settings = RunSettings.from_config(config, needs_data=False)
     mesh = setup.make_mesh(config.mesh_shape)
     setup.check_batch(config, mesh)
     model_config = setup.load_model_config(config, settings.objective.heads)
     trainer = setup.make_trainer(config, settings, model_config, mesh)
     state = trainer.abstract_state()
     batch = abstract_batch(config, model_config, mesh)
-    started = time.perf_counter()
-    compiled = trainer.step.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - started
-    analysis = compiled.memory_analysis()
+    analysis, compile_seconds = None, None
+    if compile_step:
+        started = time.perf_counter()
+        compiled = trainer.step.lower(state, batch).compile()
+        compile_seconds = round(time.perf_counter() - started, 1)
+        analysis = compiled.memory_analysis()
     params = _sharded_bytes(state.params, trainer.state_shardings.params)
     optimizer = _sharded_bytes(state.opt_state, trainer.state_shardings.opt_state)
     batch_bytes = _sharded_bytes(batch, jax.tree.map(lambda x: x.sharding, batch))
@@ -118,7 +130,7 @@ def estimate(config) -> dict:
         "optimizer_bytes": optimizer,
         "batch_bytes": batch_bytes,
         "temporary_bytes": temporaries,
-        "compile_seconds": round(compile_seconds, 1),
+        "compile_seconds": compile_seconds,
     }
     result["total_bytes"] = params + optimizer + batch_bytes + (temporaries or 0)
     return result
@@ -137,13 +149,19 @@ def format_estimate(result: dict) -> str:
         f"{result['devices']} {result['platform']} devices, mesh {result['mesh']}",
         f"global batch {result['global_batch_size']} in "
         f"{result['accumulation_steps']} microbatches, dtype {result['dtype']}, "
-        f"remat {result['remat']}; compiled in {result['compile_seconds']} s",
+        f"remat {result['remat']}; "
+        + (
+            f"compiled in {result['compile_seconds']} s"
+            if result["compile_seconds"] is not None
+            else "not compiled (--nocompile), so temporaries are not counted"
+        ),
         "per device:",
         f"  parameters       {gib(result['params_bytes'])}",
         f"  optimizer state  {gib(result['optimizer_bytes'])}",
         f"  batch            {gib(result['batch_bytes'])}",
         f"  temporaries      {gib(result['temporary_bytes'])}",
-        f"  total            {gib(result['total_bytes'])}",
+        f"  total            {gib(result['total_bytes'])}"
+        + ("" if result["temporary_bytes"] is not None else " without temporaries"),
     ]
     return "\n".join(lines)
 
@@ -157,7 +175,7 @@ def main(argv: list[str]) -> int:
     for noisy in ("absl", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        result = estimate(_CONFIG.value)
+        result = estimate(_CONFIG.value, compile_step=_COMPILE.value)
     except (ValueError, FileNotFoundError) as error:
         logger.error("error: %s", error)
         return 2
@@ -180,9 +198,16 @@ def _simulate_devices(argv: list[str]) -> None:
             value = argv[index + 1]
         if value and value.isdigit() and int(value) > 0:
             os.environ["JAX_PLATFORMS"] = "cpu"
-            flag = f"--xla_force_host_platform_device_count={int(value)}"
+            # The simulated step is only compiled, never run, so LLVM's code
+            # optimisation is skipped. Buffer sizes come from the HLO passes,
+            # which these flags leave alone.
+            flags = (
+                f"--xla_force_host_platform_device_count={int(value)} "
+                "--xla_backend_optimization_level=0 "
+                "--xla_llvm_disable_expensive_passes=true"
+            )
             os.environ["XLA_FLAGS"] = (
-                f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+                f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
             )
 
 

@@ -33,9 +33,10 @@ def summarize(train: list[dict], evals: list[dict]) -> str:
         last = evals[-1]
         images = last.get("images")
         examples = last.get("examples")
+        images_text = f" of {int(images)} images" if images else ""
         lines.append(
-            f"evaluation at step {last['step']} on {int(examples or 0)} pairs of "
-            f"{int(images or 0)} images:"
+            f"evaluation at step {last['step']} on {int(examples or 0)} pairs"
+            f"{images_text}:"
         )
         if last.get("itm_accuracy") is not None:
             lines.append(f"  ITM accuracy     {last['itm_accuracy']:.3f} (chance 0.5)")

@@ -1,4 +1,4 @@
-"""What a run needs before its first step: processes, mesh, model config, data, processor.
+"""Setup before a run's first step: processes, mesh, model config, data, processor.
 
 Every check here runs before anything is compiled, so a bad mesh, batch size,
 path or workdir fails in seconds with a message naming the value.
@@ -24,14 +24,28 @@ from bt_jax.training.step import Trainer
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
 # ITC head sizes of the released bridgetower-large-itm-mlm-itc config.json.
 ITC_DEFAULTS = {"contrastive_hidden_size": 512, "logit_scale_init_value": 2.6592}
 TOKENIZER_DIR = "tokenizer"
 # Captions read to train a tokenizer when none is given; more adds little.
 TOKENIZER_TRAINING_RECORDS = 100_000
-# Environment variables of launchers that `jax.distributed.initialize()`
-# detects by itself (Cloud TPU, Slurm, Open MPI).
-_LAUNCHER_VARIABLES = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def _launched_with_several_processes() -> bool:
+    """Return whether a launcher JAX detects started several processes.
+
+    Cloud TPU sets TPU_WORKER_HOSTNAMES. For Slurm, JAX reads the job step's
+    variables, which only `srun` sets (a python started directly in an
+    allocation is one process). Open MPI sets OMPI_COMM_WORLD_SIZE.
+    """
+    environ = os.environ
+    if environ.get("TPU_WORKER_HOSTNAMES"):
+        return True
+    slurm = ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(environ.get(name) for name in slurm):
+        return int(environ["SLURM_NTASKS"]) > 1
+    return int(environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
 
 
 def initialize_distributed() -> None:
@@ -53,7 +67,7 @@ def initialize_distributed() -> None:
                 f"JAX_PROCESS_ID must be integers too ({error!r})."
             ) from None
         jax.distributed.initialize(address, num_processes=count, process_id=index)
-    elif any(os.environ.get(name) for name in _LAUNCHER_VARIABLES):
+    elif _launched_with_several_processes():
         jax.distributed.initialize()
     else:
         return
@@ -137,25 +151,66 @@ def load_model_config(config, heads=()) -> BridgeTowerConfig:
     return model_config
 
 
-def check_workdir(workdir: Path, model_config: BridgeTowerConfig, heads) -> None:
-    """Record the run's model in the workdir, or check it against the recorded one.
+def check_workdir(
+    workdir: Path, model_config: BridgeTowerConfig, heads, config
+) -> dict:
+    """Check the run recorded in a workdir that has checkpoints against this one.
+
+    A workdir without checkpoints counts as new. Changed training settings
+    (batch size, schedule, data) are logged as a warning, because a resumed
+    run then no longer matches an uninterrupted one.
+
+    Returns:
+      The record of this run, for `record_run` once setup has succeeded.
 
     Raises:
-      ValueError: the workdir holds a run of another model.
+      ValueError: the workdir contains checkpoints of another model.
     """
-    record = {"model": model_config.to_dict(), "heads": list(heads)}
+    record = json.loads(
+        json.dumps(
+            {
+                "model": model_config.to_dict(),
+                "heads": list(heads),
+                "config": json.loads(config.to_json()),
+            }
+        )
+    )
     path = workdir / RUN_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        differences = _differences(stored, json.loads(json.dumps(record)))
-        if differences:
-            raise ValueError(
-                f"{workdir} holds a run of another model ({'; '.join(differences[:3])}). "
-                "Use a new --workdir, or delete the old one to start over."
-            )
-        return
+    checkpoints = workdir / CHECKPOINT_DIR
+    saved = checkpoints.is_dir() and any(
+        entry.name.isdigit() for entry in checkpoints.iterdir()
+    )
+    if not (path.is_file() and saved):
+        return record
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    differences = _differences(
+        {"model": stored.get("model"), "heads": stored.get("heads")},
+        {"model": record["model"], "heads": record["heads"]},
+    )
+    if differences:
+        raise ValueError(
+            f"{workdir} holds a run of another model ({'; '.join(differences[:3])}). "
+            "Use a new --workdir, or delete the old one to start over."
+        )
+    changed = [
+        item
+        for item in _differences(stored.get("config", {}), record["config"])
+        if not item.startswith("debug.")
+    ]
+    if changed:
+        logger.warning(
+            "resuming with changed settings, so the run will not match an "
+            "uninterrupted one: %s",
+            "; ".join(changed[:10]),
+        )
+    return record
+
+
+def record_run(workdir: Path, record: dict) -> None:
+    """Write the run's model and settings to `run.json` (process 0 only)."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / RUN_FILE
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
@@ -201,7 +256,13 @@ def load_processor(
     source = config.tokenizer or config.init_from
     if source and _has_tokenizer(Path(source)):
         tokenizer = processing.load_tokenizer(source)
-        image_processor = processing.BridgeTowerImageProcessor.from_pretrained(source)
+        # A tokenizer-only directory (or RoBERTa's own) has no image settings.
+        if (Path(source) / "preprocessor_config.json").is_file():
+            image_processor = processing.BridgeTowerImageProcessor.from_pretrained(
+                source
+            )
+        else:
+            image_processor = processing.BridgeTowerImageProcessor(size=image_size)
     elif config.tokenizer:
         raise FileNotFoundError(
             f"config.tokenizer={config.tokenizer!r} has no tokenizer files "
@@ -234,7 +295,7 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def _trained_tokenizer(model_config, records: Records, directory: Path):
-    if (directory / "vocab.json").is_file():
+    if _has_tokenizer(directory):
         return processing.load_tokenizer(directory)
     if jax.process_index() == 0:
         count = min(len(records), TOKENIZER_TRAINING_RECORDS)

@@ -112,8 +112,10 @@ class RunSettings:
     dtype: Any
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> RunSettings:
-        """Check every field of `config`.
+    def from_config(
+        cls, config: ml_collections.ConfigDict, *, needs_data: bool = True
+    ) -> RunSettings:
+        """Check every field of `config`; `needs_data=False` allows no dataset.
 
         Raises:
           ValueError: a field is missing or has an invalid value; the message
@@ -126,7 +128,7 @@ class RunSettings:
                 "--config.model=configs/base.py (a preset, config.json or "
                 "checkpoint directory) or --config.init_from=CHECKPOINT_DIR."
             )
-        if not config.data.dataset:
+        if needs_data and not config.data.dataset:
             raise ValueError(
                 "config.data.dataset is empty; set it to a dataset built with "
                 "`python -m bt_jax.data build`, or to samples for the bundled photos."
@@ -156,6 +158,21 @@ class RunSettings:
         if config.remat not in REMAT_POLICIES:
             raise ValueError(
                 f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}."
+            )
+        if config.data.texts not in ("all", "one"):
+            raise ValueError(
+                f'config.data.texts must be "all" or "one", got {config.data.texts!r}.'
+            )
+        if not 0.0 <= config.data.mlm_probability < 1.0:
+            raise ValueError(
+                "config.data.mlm_probability must be in [0, 1), got "
+                f"{config.data.mlm_probability}."
+            )
+        _check_positive(config.data, "max_text_length", "data.")
+        if any(size == 0 or size < -1 for size in tuple(config.mesh_shape)):
+            raise ValueError(
+                f"config.mesh_shape sizes must be positive or -1, got "
+                f"{tuple(config.mesh_shape)}."
             )
         if config.debug.signal not in ("SIGKILL", "SIGTERM"):
             raise ValueError(

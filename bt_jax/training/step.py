@@ -246,6 +246,7 @@ class Trainer:
         metrics = {
             **metrics,
             "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
             **group_learning_rates(self.optimizer, state.step),
         }
         new_state = TrainState(state.step + 1, params, opt_state, state.rng)

@@ -70,7 +70,7 @@ def sharding_table(params: dict, shardings: dict, *, collapse_layers: bool) -> s
         entries[key] += 1
     width = max(len(key[0]) for key in order)
     shape_width = max(len(str(key[1])) for key in order)
-    lines = []
+    lines = [f"{'parameter':<{width}}  {'shape':<{shape_width}}  partition spec"]
     for key in order:
         name, shape, spec = key
         repeat = f"  ×{entries[key]}" if entries[key] > 1 else ""
