@@ -74,6 +74,8 @@ class _StopRequest:
         """Return whether any process was asked to stop (a collective with several)."""
         if jax.process_count() == 1:
             return self.requested
+        # NOTE: a collective on every step, so each host waits for the others
+        # there; checking every few steps would cost less.
         flags = multihost_utils.process_allgather(np.array(self.requested))
         return bool(np.any(flags))
 
