@@ -21,6 +21,24 @@ def _small_model(directory) -> str:
     return str(path)
 
 
+def _memory(*args, timeout=600) -> subprocess.CompletedProcess:
+    """Run `python -m train.memory` with the demo config and `args`."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.memory",
+            "--config",
+            str(REPO / "configs" / "demo.py"),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def _parameter_count(model: str) -> int:
     """Count the pretraining model's parameters from abstract shapes."""
     import jax
@@ -41,27 +59,17 @@ def _parameter_count(model: str) -> int:
 def test_memory_estimate_bf16_remat_on_mesh(tmp_path):
     model = _small_model(tmp_path)
     output = tmp_path / "estimate.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.memory",
-            "--config",
-            str(REPO / "configs" / "demo.py"),
-            "--devices",
-            "4",
-            f"--config.model={model}",
-            "--config.mesh_shape=(1, 2, 2)",
-            "--config.dtype=bfloat16",
-            "--config.remat=full",
-            "--config.global_batch_size=4",
-            "--config.data.max_text_length=12",
-            "--json",
-            str(output),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    completed = _memory(
+        "--devices",
+        "4",
+        f"--config.model={model}",
+        "--config.mesh_shape=(1, 2, 2)",
+        "--config.dtype=bfloat16",
+        "--config.remat=full",
+        "--config.global_batch_size=4",
+        "--config.data.max_text_length=12",
+        "--json",
+        str(output),
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -72,7 +80,7 @@ def test_memory_estimate_bf16_remat_on_mesh(tmp_path):
     assert result["dtype"] == "bfloat16"
     count = _parameter_count(model)
     assert result["parameters"] == count
-    # float32 parameters split over fsdp and tensor: the largest shard holds
+    # float32 parameters split over fsdp and tensor: the largest shard has
     # between a quarter and all of them (small vectors are replicated).
     assert count * 4 / 4 <= result["params_bytes"] < count * 4
     # AdamW keeps two moments per parameter, sharded like the parameters.
@@ -84,20 +92,10 @@ def test_memory_estimate_bf16_remat_on_mesh(tmp_path):
 
 
 def test_memory_bad_mesh_is_one_line_error(tmp_path):
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.memory",
-            "--config",
-            str(REPO / "configs" / "demo.py"),
-            "--devices",
-            "4",
-            "--config.mesh_shape=(3, 1, 1)",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    completed = _memory(
+        "--devices",
+        "4",
+        "--config.mesh_shape=(3, 1, 1)",
         timeout=300,
     )
     assert completed.returncode == 2
@@ -109,25 +107,15 @@ def test_memory_bad_mesh_is_one_line_error(tmp_path):
 def test_memory_nocompile_counts_state_only(tmp_path):
     model = _small_model(tmp_path)
     output = tmp_path / "estimate.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.memory",
-            "--config",
-            str(REPO / "configs" / "demo.py"),
-            "--devices",
-            "2",
-            "--nocompile",
-            f"--config.model={model}",
-            "--config.mesh_shape=(1, 2, 1)",
-            "--config.global_batch_size=4",
-            "--json",
-            str(output),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    completed = _memory(
+        "--devices",
+        "2",
+        "--nocompile",
+        f"--config.model={model}",
+        "--config.mesh_shape=(1, 2, 1)",
+        "--config.global_batch_size=4",
+        "--json",
+        str(output),
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

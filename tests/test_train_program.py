@@ -167,7 +167,7 @@ def test_train_restore_on_fewer_devices(inputs, runs, devices):
     assert f"resuming from step {start}" in output
     expected, resumed = _losses(straight), _losses(workdir)
     first = start + 1
-    # The first resumed step sees the restored parameters; later steps may
+    # The first resumed step uses the restored parameters; later steps may
     # drift by float32 reassociation on the other device count.
     np.testing.assert_allclose(resumed[first], expected[first], rtol=1e-5)
     for step in range(first, STEPS + 1):

@@ -193,7 +193,9 @@ def test_workdir_other_model_rejected(tmp_path, caplog):
     setup.check_workdir(tmp_path, tiny, ("mlm",), changed)
     assert "global_batch_size: 32 stored, 64 now" in caplog.text
     base = setup.load_model_config(_config(model=str(REPO / "configs" / "base.py")))
-    with pytest.raises(ValueError, match=r"holds a run of another model.*hidden_size"):
+    with pytest.raises(
+        ValueError, match=r"contains a run of another model.*hidden_size"
+    ):
         setup.check_workdir(tmp_path, base, ("mlm",), config)
 
 

@@ -411,7 +411,7 @@ def _finish_step(step: int, metrics) -> dict[str, float]:
     """Fetch a step's metrics; raise if its loss, gradients or new parameters
     are not finite, before that state can be checkpointed."""
     values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-    for name, what in (
+    for name, description in (
         ("loss", "the loss"),
         ("grad_norm", "the gradient norm"),
         ("param_norm", "the parameter norm after the update"),
@@ -421,7 +421,7 @@ def _finish_step(step: int, metrics) -> dict[str, float]:
                 f"{key} {value:.4g}" for key, value in sorted(values.items())
             )
             raise NonFiniteLossError(
-                f"{what} is {values[name]} at step {step} ({parts}). The run "
+                f"{description} is {values[name]} at step {step} ({parts}). The run "
                 "stopped without saving this state; lower "
                 "optimizer.learning_rate or set optimizer.grad_clip_norm (or use "
                 "dtype=float32 if it is bfloat16), then resume from the last "

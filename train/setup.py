@@ -52,8 +52,8 @@ def initialize_distributed() -> None:
     """Join the other processes of a multi-host job, if this is one.
 
     `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` name the
-    coordinator (host:port of process 0) and this process explicitly; under
-    Cloud TPU, Slurm or Open MPI JAX finds them itself. Without any of these
+    coordinator (host:port of process 0) and this process explicitly. Under
+    Cloud TPU, Slurm (srun) or Open MPI, JAX finds them itself. Without any of these
     the run is a single process.
     """
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
@@ -189,7 +189,7 @@ def check_workdir(
     )
     if differences:
         raise ValueError(
-            f"{workdir} holds a run of another model ({'; '.join(differences[:3])}). "
+            f"{workdir} contains a run of another model ({'; '.join(differences[:3])}). "
             "Use a new --workdir, or delete the old one to start over."
         )
     changed = [

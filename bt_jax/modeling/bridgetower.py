@@ -37,7 +37,7 @@ from bt_jax.modeling.vision import VisionModel
 # Rows of the token-type table that BridgeTowerModel adds to the cross-modal inputs.
 NUM_TOKEN_TYPES = 2
 ACTIVATION_AXES = ("act_batch", "act_length", "act_embed")
-# What a layer keeps for the backward pass under `BridgeTowerModel.remat`:
+# Checkpoint policies of `BridgeTowerModel.remat`, by name:
 # "full" keeps only the layer's inputs and recomputes the rest, "dots" also
 # keeps the outputs of matmuls without batch dimensions (the projections, not
 # the attention scores).
@@ -272,7 +272,7 @@ class BridgeTowerModel(nnx.Module):
         return image
 
     def _run_layer(self, layer: nnx.Module, *args, rngs: nnx.Rngs | None = None):
-        """Call one transformer layer, rematerialised as `self.remat` says.
+        """Call one transformer layer, rematerialised by the policy `self.remat` names.
 
         Each layer draws one dropout key and gets its own `nnx.Rngs`, with or
         without remat, so remat never changes the dropout masks.
