@@ -19,6 +19,7 @@ Data flow, with X = `config.num_hidden_layers` cross-modal layers per stream:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,9 @@ class BridgeTowerModel(nnx.Module):
         # Rematerialisation of each layer in `forward_trace` (a REMAT_POLICIES
         # key); training code sets it before splitting the model.
         self.remat = "none"
+        # Run each stack of identical layers as one `lax.scan` (see `_run_stack`);
+        # False unrolls them, which compiles slower and gives the same numbers.
+        self.scan_layers = True
         text, vision = config.text_config, config.vision_config
         width = config.hidden_size
         kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -215,15 +219,21 @@ class BridgeTowerModel(nnx.Module):
                 ]
             )
 
-    def text_transform(self, hidden_states: jax.Array, level: int) -> jax.Array:
+    def _text_transform_module(self, level: int) -> nnx.Linear:
         if self.config.share_cross_modal_transformer_layers:
-            return self.cross_modal_text_transform(hidden_states)
-        return self.cross_modal_text_transform[level](hidden_states)
+            return self.cross_modal_text_transform
+        return self.cross_modal_text_transform[level]
+
+    def _image_transform_module(self, level: int) -> nnx.Linear:
+        if self.config.share_cross_modal_transformer_layers:
+            return self.cross_modal_image_transform
+        return self.cross_modal_image_transform[level]
+
+    def text_transform(self, hidden_states: jax.Array, level: int) -> jax.Array:
+        return self._text_transform_module(level)(hidden_states)
 
     def image_transform(self, hidden_states: jax.Array, level: int) -> jax.Array:
-        if self.config.share_cross_modal_transformer_layers:
-            return self.cross_modal_image_transform(hidden_states)
-        return self.cross_modal_image_transform[level](hidden_states)
+        return self._image_transform_module(level)(hidden_states)
 
     def link_towers(self, level: int) -> tuple[LinkTower, LinkTower]:
         """Return the (text, image) link towers that feed cross-modal layer `level` >= 1."""
@@ -249,9 +259,7 @@ class BridgeTowerModel(nnx.Module):
         text = sharding.constrain(
             self.text_model.embeddings(input_ids), ACTIVATION_AXES
         )
-        # The split index plus one layer per later level covers every text layer.
-        for layer in self.text_model.encoder.layer:
-            text = sharding.constrain(layer(text, text_mask), ACTIVATION_AXES)
+        text, _ = self._run_text_layers(text, text_mask, self._bridged_text_layers())
         return text
 
     def unimodal_image(
@@ -267,46 +275,106 @@ class BridgeTowerModel(nnx.Module):
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
         )
         image = sharding.constrain(image, ACTIVATION_AXES)
-        for block in vision.transformer.resblocks:
-            image = sharding.constrain(block(image), ACTIVATION_AXES)
+        image, _ = self._run_image_blocks(image, self._bridged_image_blocks())
         return image
 
-    def _run_layer(self, layer: nnx.Module, *args, rngs: nnx.Rngs | None = None):
-        """Call one transformer layer, rematerialised by the policy `self.remat` names.
+    def _bridged_text_layers(self) -> list[nnx.Module]:
+        """Return the text layers BridgeTower runs: up to the split, then one per level."""
+        count = self.config.text_split_index + self.config.num_hidden_layers - 1
+        return list(self.text_model.encoder.layer[:count])
 
-        Each layer draws one dropout key and gets its own `nnx.Rngs`, with or
-        without remat, so remat never changes the dropout masks.
+    def _bridged_image_blocks(self) -> list[nnx.Module]:
+        """Return the vision blocks BridgeTower runs: up to the split, then one per level."""
+        count = self.config.vision_split_index + self.config.num_hidden_layers - 1
+        return list(self.vision_model.visual.transformer.resblocks[:count])
+
+    def _run_stack(self, modules: Sequence, step: Callable, carry, xs=None):
+        """Apply `step(module, carry, x) -> (carry, y)` over `modules` in order.
+
+        `modules` are layers (or tuples of layers) of one structure, and `xs` a
+        pytree whose leaves have one row per module (or None). Returns the last
+        carry and the `y`s stacked along a new leading axis (None when `modules`
+        is empty).
+
+        With `self.scan_layers`, the modules' parameters are stacked and the
+        stack runs as one `lax.scan`, so XLA compiles the step once whatever the
+        depth; the bridges still get every layer's output through the stacked
+        `y`s. Otherwise the loop is unrolled. Each step is rematerialised by the
+        policy `self.remat` names.
         """
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
                 f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
             )
-        key = None if rngs is None else rngs.dropout()
+        if not modules:
+            return carry, None
+        splits = [nnx.split(module) for module in modules]
+        graphdef = splits[0][0]
+        scan = (
+            self.scan_layers
+            and len(modules) > 1
+            and all(other == graphdef for other, _ in splits[1:])
+        )
 
-        def call(module, key, *args):
-            if key is None:
-                return module(*args)
-            return module(*args, rngs=nnx.Rngs(dropout=key))
+        def pure(carry, state_and_x):
+            state, x = state_and_x
+            return step(nnx.merge(graphdef, state), carry, x)
 
         policy = REMAT_POLICIES[self.remat]
-        if policy is None:
-            return call(layer, key, *args)
-        graphdef, state = nnx.split(layer)
+        if policy is not None:
+            # Inside a scan the loop boundary already stops XLA from merging the
+            # recomputation with the forward pass, so CSE prevention is not needed.
+            pure = jax.checkpoint(pure, policy=policy, prevent_cse=not scan)
+        if scan:
+            states = jax.tree.map(
+                lambda *leaves: jnp.stack(leaves), *[state for _, state in splits]
+            )
+            return jax.lax.scan(pure, carry, (states, xs))
+        ys = []
+        for index, (_, state) in enumerate(splits):
+            x = jax.tree.map(lambda leaf, i=index: leaf[i], xs)
+            carry, y = pure(carry, (state, x))
+            ys.append(y)
+        return carry, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)
 
-        def pure(state, key, *args):
-            return call(nnx.merge(graphdef, state), key, *args)
-
-        return jax.checkpoint(pure, policy=policy)(state, key, *args)
-
-    def _cross_modal_level(
+    def _run_text_layers(
         self,
-        level: int,
+        text: jax.Array,
+        text_mask: jax.Array,
+        text_layers: Sequence[nnx.Module],
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Run `text_layers`; return the last output and every output, stacked."""
+
+        def step(layer, hidden, key):
+            hidden = layer(hidden, text_mask, rngs=_dropout_rngs(key))
+            hidden = sharding.constrain(hidden, ACTIVATION_AXES)
+            return hidden, hidden
+
+        keys = _layer_keys(rngs, len(text_layers))
+        return self._run_stack(text_layers, step, text, keys)
+
+    def _run_image_blocks(
+        self, image: jax.Array, blocks: Sequence[nnx.Module]
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Run the vision `blocks`; return the last output and every output, stacked."""
+
+        def step(block, hidden, _):
+            hidden = sharding.constrain(block(hidden), ACTIVATION_AXES)
+            return hidden, hidden
+
+        return self._run_stack(blocks, step, image)
+
+    def _cross_modal_layers(
+        self,
+        text_layer: CrossLayer,
+        image_layer: CrossLayer,
         cross_text: jax.Array,
         cross_image: jax.Array,
         text_mask: jax.Array | None,
-        rngs: nnx.Rngs | None,
+        keys: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Run the text and image cross-modal layers of `level` on their inputs.
+        """Run one level's text and image cross-modal layers on their inputs.
 
         Inputs and outputs are constrained to the activation layout, like the
         uni-modal streams. Without the input constraint, each input keeps the
@@ -318,22 +386,13 @@ class BridgeTowerModel(nnx.Module):
         """
         cross_text = sharding.constrain(cross_text, ACTIVATION_AXES)
         cross_image = sharding.constrain(cross_image, ACTIVATION_AXES)
+        text_key, image_key = (None, None) if keys is None else (keys[0], keys[1])
         # The image stream is never padded, so only keys of the text stream are masked.
-        text_out = self._run_layer(
-            self.cross_modal_text_layers[level],
-            cross_text,
-            cross_image,
-            text_mask,
-            None,
-            rngs=rngs,
+        text_out = text_layer(
+            cross_text, cross_image, text_mask, None, rngs=_dropout_rngs(text_key)
         )
-        image_out = self._run_layer(
-            self.cross_modal_image_layers[level],
-            cross_image,
-            cross_text,
-            None,
-            text_mask,
-            rngs=rngs,
+        image_out = image_layer(
+            cross_image, cross_text, None, text_mask, rngs=_dropout_rngs(image_key)
         )
         return (
             sharding.constrain(text_out, ACTIVATION_AXES),
@@ -374,67 +433,99 @@ class BridgeTowerModel(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         text_mask = layers.key_padding_mask(attention_mask)
-        text_layers = self.text_model.encoder.layer
         vision = self.vision_model.visual
-        blocks = vision.transformer.resblocks
+        levels = config.num_hidden_layers
 
+        # Text layers never see the image and vision blocks never see the text,
+        # so each uni-modal stack runs whole before the cross-modal tower. The
+        # reference interleaves them level by level; the results are the same.
         text = self.text_model.embeddings(input_ids, rngs=rngs)
         text = sharding.constrain(text, ACTIVATION_AXES)
-        text_hidden = [text]
-        for layer in text_layers[: config.text_split_index]:
-            text = sharding.constrain(
-                self._run_layer(layer, text, text_mask, rngs=rngs), ACTIVATION_AXES
-            )
-            text_hidden.append(text)
+        _, text_stack = self._run_text_layers(
+            text, text_mask, self._bridged_text_layers(), rngs
+        )
+        text_hidden = [text, *_unstack(text_stack)]
 
         image = vision.forward_pre(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
         )
         image = sharding.constrain(image, ACTIVATION_AXES)
-        image_hidden = [image]
-        for block in blocks[: config.vision_split_index]:
-            image = sharding.constrain(self._run_layer(block, image), ACTIVATION_AXES)
-            image_hidden.append(image)
+        _, image_stack = self._run_image_blocks(image, self._bridged_image_blocks())
+        image_hidden = [image, *_unstack(image_stack)]
 
         # Token-type rows are broadcast over every position of their stream.
         text_type = self.token_type_embeddings.embedding[0]
         image_type_row = self.token_type_embeddings.embedding[image_type]
+        cross_keys = None
+        if rngs is not None:
+            cross_keys = jax.random.split(rngs.dropout(), (levels, 2))
 
+        # Level 0: the uni-modal outputs at the split, transformed and normalised.
+        text_split, image_split = config.text_split_index, config.vision_split_index
         cross_text = self.cross_modal_text_layernorm(
-            self.text_transform(text, 0) + text_type
+            self.text_transform(text_hidden[text_split], 0) + text_type
         )
         cross_image = self.cross_modal_image_layernorm(
-            self.image_transform(vision.forward_post(image), 0) + image_type_row
+            self.image_transform(vision.forward_post(image_hidden[image_split]), 0)
+            + image_type_row
         )
-        text_out, image_out = self._cross_modal_level(
-            0, cross_text, cross_image, text_mask, rngs
+
+        def first_level(modules, carry, keys):
+            text_layer, image_layer = modules
+            outputs = self._cross_modal_layers(
+                text_layer, image_layer, *carry, text_mask, keys
+            )
+            return outputs, outputs
+
+        first_keys = None if cross_keys is None else cross_keys[:1]
+        (text_out, image_out), _ = self._run_stack(
+            [(self.cross_modal_text_layers[0], self.cross_modal_image_layers[0])],
+            first_level,
+            (cross_text, cross_image),
+            first_keys,
         )
         cross_hidden = [(text_out, image_out)]
 
-        for level in range(1, config.num_hidden_layers):
-            text_layer = text_layers[config.text_split_index - 1 + level]
-            block = blocks[config.vision_split_index - 1 + level]
-            text = sharding.constrain(
-                self._run_layer(text_layer, text, text_mask, rngs=rngs),
-                ACTIVATION_AXES,
-            )
-            image = sharding.constrain(self._run_layer(block, image), ACTIVATION_AXES)
-            text_hidden.append(text)
-            image_hidden.append(image)
-
-            text_link, image_link = self.link_towers(level)
-            cross_text = text_link(
-                self.text_transform(text, level) + text_type, text_out
-            )
+        # Levels 1..X-1: each level's uni-modal outputs are merged into the
+        # previous level's cross-modal outputs by the link towers.
+        def later_level(modules, carry, inputs):
+            text_transform, image_transform, text_link, image_link, *cross = modules
+            text_in, image_in, keys = inputs
+            previous_text, previous_image = carry
+            cross_text = text_link(text_transform(text_in) + text_type, previous_text)
             cross_image = image_link(
-                self.image_transform(vision.forward_post(image), level)
-                + image_type_row,
-                image_out,
+                image_transform(vision.forward_post(image_in)) + image_type_row,
+                previous_image,
             )
-            text_out, image_out = self._cross_modal_level(
-                level, cross_text, cross_image, text_mask, rngs
+            outputs = self._cross_modal_layers(
+                *cross, cross_text, cross_image, text_mask, keys
             )
-            cross_hidden.append((text_out, image_out))
+            return outputs, outputs
+
+        if levels > 1:
+            # Layer text_split - 1 + level (0-based) outputs row text_split + level
+            # of text_hidden, which is row text_split - 1 + level of text_stack.
+            inputs = (
+                text_stack[text_split : text_split + levels - 1],
+                image_stack[image_split : image_split + levels - 1],
+                None if cross_keys is None else cross_keys[1:],
+            )
+            level_modules = [
+                (
+                    self._text_transform_module(level),
+                    self._image_transform_module(level),
+                    *self.link_towers(level),
+                    self.cross_modal_text_layers[level],
+                    self.cross_modal_image_layers[level],
+                )
+                for level in range(1, levels)
+            ]
+            (text_out, image_out), (text_outs, image_outs) = self._run_stack(
+                level_modules, later_level, (text_out, image_out), inputs
+            )
+            cross_hidden += list(
+                zip(_unstack(text_outs), _unstack(image_outs), strict=True)
+            )
 
         pooler_output = jnp.concatenate(
             [
@@ -495,6 +586,24 @@ class BridgeTowerModel(nnx.Module):
             pooler_output=trace.pooler_output,
             hidden_states=trace.hidden_states() if output_hidden_states else None,
         )
+
+
+def _unstack(stacked: jax.Array | None) -> list[jax.Array]:
+    """Split a stacked array into its rows; None gives an empty list."""
+    if stacked is None:
+        return []
+    return [stacked[index] for index in range(stacked.shape[0])]
+
+
+def _layer_keys(rngs: nnx.Rngs | None, count: int) -> jax.Array | None:
+    """Draw one dropout key per layer of a stack, or None without dropout."""
+    if rngs is None or count == 0:
+        return None
+    return jax.random.split(rngs.dropout(), count)
+
+
+def _dropout_rngs(key: jax.Array | None) -> nnx.Rngs | None:
+    return None if key is None else nnx.Rngs(dropout=key)
 
 
 def _eager_sharding_if_mesh():
