@@ -1,15 +1,16 @@
 """Device meshes and the logical-axis rules that map parameters and activations onto them.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
-`vocab`); activations are constrained with `act_batch`, `act_length` and
-`act_embed`. One rules table maps those names to the mesh axes `data`, `fsdp`
+`vocab`); activations are constrained with `act_batch`, `act_length`,
+`act_embed`, and inside a layer `act_heads`, `act_kv` and `act_mlp`. One rules table maps those names to the mesh axes `data`, `fsdp`
 and `tensor`, so changing the parallelism layout never touches the model code.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +30,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),
     ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
 )
 
 
@@ -85,6 +89,22 @@ def constrain(
         return x
     spec = fit_spec(logical_to_spec(axes, rules), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def traced_under(mesh: Mesh, fn: Callable) -> Callable:
+    """Wrap `fn` so that it runs, and is traced by `jax.jit`, with `mesh` in context.
+
+    `constrain` does nothing unless a mesh is in context, so a jitted function
+    that takes sharded arguments is wrapped with this: its activation
+    constraints then hold whether or not the caller entered `jax.set_mesh`.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh) -> PartitionSpec:

@@ -320,3 +320,27 @@ def test_setup_model_config_gets_itc_sizes():
     assert with_itc.contrastive_hidden_size == 512
     assert with_itc.logit_scale_init_value == 2.6592
     assert with_itc.hidden_size == plain.hidden_size
+
+
+def test_trainer_step_constrains_activations_without_mesh_context():
+    # The training program never enters `jax.set_mesh`; the step must still
+    # split activations over the batch axes. Without the constraints, XLA's
+    # partitioner gathered whole batches of queries and keys onto each device.
+    from train.memory import abstract_batch
+
+    config = _config(global_batch_size=4)
+    settings = RunSettings.from_config(config, needs_data=False)
+    mesh = setup.make_mesh((1, -1, 1))
+    model_config = setup.load_model_config(config, settings.objective.heads)
+    trainer = setup.make_trainer(config, settings, model_config, mesh)
+    assert jax.sharding.get_abstract_mesh().empty
+    lowered = trainer.step.lower(
+        trainer.abstract_state(), abstract_batch(config, model_config, mesh)
+    ).as_text()
+    hidden = '[{"data", "fsdp"}, {}, {}]'
+    heads = '[{"data", "fsdp"}, {}, {"tensor"}, {}]'
+    constraints = [
+        line for line in lowered.splitlines() if "sharding_constraint" in line
+    ]
+    assert any(hidden in line for line in constraints)
+    assert any(heads in line for line in constraints)

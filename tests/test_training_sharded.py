@@ -69,14 +69,14 @@ SCRIPT = textwrap.dedent(
             mesh,
             remat=remat,
         )
-        with jax.set_mesh(mesh):
-            state = trainer.init(jax.random.key(0))
-            arrays = trainer.shard_batch(batch)
-            # The step's gradients and metrics, from the step's own loss and
-            # key; the optimizer update after them is elementwise.
-            rng = jax.random.fold_in(state.rng, state.step)
-            grad_fn = jax.jit(jax.grad(trainer._loss, has_aux=True))
-            grads, metrics = grad_fn(state.params, arrays, rng)
+        # No mesh is entered here, as in the training program: the trainer's
+        # jitted functions must apply the activation constraints themselves.
+        state = trainer.init(jax.random.key(0))
+        arrays = trainer.shard_batch(batch)
+        # The step's gradients and metrics, from the step's own key; the
+        # optimizer update after them is elementwise.
+        rng = jax.random.fold_in(state.rng, state.step)
+        grads, metrics = trainer.gradients(state.params, arrays, rng)
         params = {
             "/".join(map(str, path)): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_leaves_with_path(grads)

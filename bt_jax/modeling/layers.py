@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bt_jax import sharding
+
 Axes = tuple[str | None, ...]
+
+# Logical axes of per-head activations and of feed-forward hidden activations.
+# Constraining them keeps the batch split inside each layer: left open, XLA's SPMD
+# partitioner gathers the whole batch of queries, keys and values onto every
+# device when the kernels' `embed` axis is split over `fsdp`.
+HEAD_ACTIVATION_AXES = ("act_batch", "act_length", "act_heads", "act_kv")
+MLP_ACTIVATION_AXES = ("act_batch", "act_length", "act_mlp")
 
 # Standard deviation of the normal init that transformers' BridgeTower `_init_weights`
 # gives every Linear, Embedding and Conv weight outside the CLIP blocks.
@@ -180,8 +189,12 @@ def dot_product_attention(
     use a fused kernel. `jax.nn.dot_product_attention` has no dropout on the
     attention weights, so training with attention dropout takes the explicit path.
     """
+    query, key, value = (
+        sharding.constrain(x, HEAD_ACTIVATION_AXES) for x in (query, key, value)
+    )
     if rngs is None or dropout is None or dropout.rate == 0.0:
-        return jax.nn.dot_product_attention(query, key, value, mask=mask)
+        context = jax.nn.dot_product_attention(query, key, value, mask=mask)
+        return sharding.constrain(context, HEAD_ACTIVATION_AXES)
     scale = 1.0 / math.sqrt(query.shape[-1])
     scores = jnp.einsum(
         "bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32
@@ -191,7 +204,8 @@ def dot_product_attention(
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     weights = dropout(weights, rngs=rngs)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+    return sharding.constrain(context, HEAD_ACTIVATION_AXES)
 
 
 def apply_dropout(

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bt_jax import sharding
 from bt_jax.config import TextConfig
 from bt_jax.modeling import layers
 from bt_jax.modeling.layers import HF_INIT_STD
@@ -174,7 +175,10 @@ class Intermediate(nnx.Module):
         self.activation = layers.ACTIVATIONS[config.hidden_act]
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        return self.activation(self.dense(hidden_states))
+        hidden = sharding.constrain(
+            self.dense(hidden_states), layers.MLP_ACTIVATION_AXES
+        )
+        return self.activation(hidden)
 
 
 class Output(nnx.Module):

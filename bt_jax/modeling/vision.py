@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bt_jax import sharding
 from bt_jax.config import VisionConfig
 from bt_jax.modeling import layers
 from bt_jax.modeling.layers import HF_INIT_STD
@@ -209,7 +210,10 @@ class VisionMLP(nnx.Module):
         )
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
-        return self.c_proj(layers.quick_gelu(self.c_fc(hidden_states)))
+        hidden = sharding.constrain(
+            self.c_fc(hidden_states), layers.MLP_ACTIVATION_AXES
+        )
+        return self.c_proj(layers.quick_gelu(hidden))
 
 
 class ResidualAttention(nnx.Module):

@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bt_jax import sharding
 from bt_jax.training.step import Trainer, TrainState
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Evaluator:
         self.host_batch_size = host_batch_size
         replicated = NamedSharding(trainer.mesh, PartitionSpec())
         self._embed = jax.jit(
-            self._embed_batch,
+            sharding.traced_under(trainer.mesh, self._embed_batch),
             in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
             out_shardings=replicated,
         )

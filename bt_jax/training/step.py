@@ -125,14 +125,21 @@ class Trainer:
         abstract_state = jax.eval_shape(self._init, jax.random.key(0))
         self.state_shardings = self._shardings_like(abstract_state)
 
-        self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+        # Traced under the mesh, so the model's activation constraints apply.
+        under_mesh = functools.partial(sharding.traced_under, self.mesh)
+        self.init = jax.jit(under_mesh(self._init), out_shardings=self.state_shardings)
         self.init_from_params = jax.jit(
-            self._init_from_params,
+            under_mesh(self._init_from_params),
             in_shardings=(self.state_shardings.params, None),
             out_shardings=self.state_shardings,
         )
+        # The gradients and metrics `step` applies, for checks and tools.
+        self.gradients = jax.jit(
+            under_mesh(self._gradients),
+            in_shardings=(self.state_shardings.params, self.batch_sharding, None),
+        )
         self.step = jax.jit(
-            self._step,
+            under_mesh(self._step),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
@@ -212,35 +219,38 @@ class Trainer:
         model = nnx.merge(self.graphdef, params)
         return pretraining_loss(model, batch, rng, self.objective)
 
-    def _step(self, state: TrainState, batch: dict[str, jax.Array]):
-        rng = jax.random.fold_in(state.rng, state.step)
+    def _gradients(self, params, batch: dict[str, jax.Array], rng: jax.Array):
+        """Return the mean gradients and metrics over the step's microbatches."""
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         count = self.accumulation_steps
         if count == 1:
-            (_, metrics), grads = grad_fn(state.params, batch, rng)
-        else:
-            micro = jax.tree.map(functools.partial(_split_micro, count=count), batch)
+            (_, metrics), grads = grad_fn(params, batch, rng)
+            return grads, metrics
+        micro = jax.tree.map(functools.partial(_split_micro, count=count), batch)
 
-            def accumulate(carry, inputs):
-                index, microbatch = inputs
-                (_, step_metrics), step_grads = grad_fn(
-                    state.params, microbatch, jax.random.fold_in(rng, index)
-                )
-                grads, metrics = carry
-                grads = jax.tree.map(jnp.add, grads, step_grads)
-                metrics = jax.tree.map(jnp.add, metrics, step_metrics)
-                return (grads, metrics), None
+        def accumulate(carry, inputs):
+            index, microbatch = inputs
+            (_, step_metrics), step_grads = grad_fn(
+                params, microbatch, jax.random.fold_in(rng, index)
+            )
+            grads, metrics = carry
+            grads = jax.tree.map(jnp.add, grads, step_grads)
+            metrics = jax.tree.map(jnp.add, metrics, step_metrics)
+            return (grads, metrics), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            shapes = jax.eval_shape(grad_fn, state.params, _first_micro(micro), rng)
-            metric_zeros = jax.tree.map(
-                lambda x: jnp.zeros(x.shape, x.dtype), shapes[0][1]
-            )
-            (grads, metrics), _ = jax.lax.scan(
-                accumulate, (zeros, metric_zeros), (jnp.arange(count), micro)
-            )
-            grads = jax.tree.map(lambda g: g / count, grads)
-            metrics = jax.tree.map(lambda m: m / count, metrics)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        shapes = jax.eval_shape(grad_fn, params, _first_micro(micro), rng)
+        metric_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes[0][1])
+        (grads, metrics), _ = jax.lax.scan(
+            accumulate, (zeros, metric_zeros), (jnp.arange(count), micro)
+        )
+        grads = jax.tree.map(lambda g: g / count, grads)
+        metrics = jax.tree.map(lambda m: m / count, metrics)
+        return grads, metrics
+
+    def _step(self, state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        grads, metrics = self._gradients(state.params, batch, rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
