@@ -26,6 +26,12 @@ Fields people change:
   global_batch_size, accumulation_steps: examples per step, and the
     microbatches each step is split into to fit in memory.
   dtype, remat: bfloat16 compute and activation rematerialisation.
+
+Before a run, `python -m train.memory --config configs/pretrain_base.py` prints
+the bytes per device. As set, 8 devices would each run 256 examples per
+microbatch, far more than an accelerator holds. The README's table shows that
+32 fit in 24 GiB, so raise accumulation_steps or add devices until
+global_batch_size / (data × fsdp × accumulation_steps) is near 32.
 """
 
 from pathlib import Path

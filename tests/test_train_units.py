@@ -322,7 +322,7 @@ def test_setup_model_config_gets_itc_sizes():
     assert with_itc.hidden_size == plain.hidden_size
 
 
-def test_trainer_step_constrains_activations_without_mesh_context():
+def test_step_constrains_activations_without_mesh():
     # The training program never enters `jax.set_mesh`; the step must still
     # split activations over the batch axes. Without the constraints, XLA's
     # partitioner gathered whole batches of queries and keys onto each device.

@@ -139,8 +139,8 @@ class BridgeTowerModel(nnx.Module):
         # Rematerialisation of each layer in `forward_trace` (a REMAT_POLICIES
         # key); training code sets it before splitting the model.
         self.remat = "none"
-        # Run each stack of identical layers as one `lax.scan` (see `_run_stack`);
-        # False unrolls them, which compiles slower and gives the same numbers.
+        # Run each stack of identical layers as one `lax.scan` (see `_run_stack`).
+        # False unrolls the stacks, which compiles slower and gives the same numbers.
         self.scan_layers = True
         text, vision = config.text_config, config.vision_config
         width = config.hidden_size
@@ -298,8 +298,8 @@ class BridgeTowerModel(nnx.Module):
 
         With `self.scan_layers`, the modules' parameters are stacked and the
         stack runs as one `lax.scan`, so XLA compiles the step once whatever the
-        depth; the bridges still get every layer's output through the stacked
-        `y`s. Otherwise the loop is unrolled. Each step is rematerialised by the
+        depth. The bridges still get every layer's output, as the stacked `y`s.
+        Otherwise the loop is unrolled. Each step is rematerialised by the
         policy `self.remat` names.
         """
         if self.remat not in REMAT_POLICIES:
@@ -344,7 +344,7 @@ class BridgeTowerModel(nnx.Module):
         text_layers: Sequence[nnx.Module],
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Run `text_layers`; return the last output and every output, stacked."""
+        """Run `text_layers` and return the last output and all outputs, stacked."""
 
         def step(layer, hidden, key):
             hidden = layer(hidden, text_mask, rngs=_dropout_rngs(key))
@@ -357,7 +357,7 @@ class BridgeTowerModel(nnx.Module):
     def _run_image_blocks(
         self, image: jax.Array, blocks: Sequence[nnx.Module]
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Run the vision `blocks`; return the last output and every output, stacked."""
+        """Run the vision `blocks` and return the last output and all outputs, stacked."""
 
         def step(block, hidden, _):
             hidden = sharding.constrain(block(hidden), ACTIVATION_AXES)
@@ -589,7 +589,7 @@ class BridgeTowerModel(nnx.Module):
 
 
 def _unstack(stacked: jax.Array | None) -> list[jax.Array]:
-    """Split a stacked array into its rows; None gives an empty list."""
+    """Return the rows of a stacked array, or an empty list for None."""
     if stacked is None:
         return []
     return [stacked[index] for index in range(stacked.shape[0])]
