@@ -29,8 +29,8 @@ Fields people change:
 
 Before a run, `python -m train.memory --config configs/pretrain_base.py` prints
 the bytes per device. As set, 8 devices would each run 256 examples per
-microbatch, far more than an accelerator holds. The README's table shows that
-32 fit in 24 GiB, so raise accumulation_steps or add devices until
+microbatch, far more than an accelerator holds. The README's table estimates
+23.5 GiB per device at 32, so raise accumulation_steps or add devices until
 global_batch_size / (data × fsdp × accumulation_steps) is near 32.
 """
 

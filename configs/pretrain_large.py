@@ -11,8 +11,9 @@ RoBERTa-large, 6 cross-modal layers of width 1024. Parameters and optimizer
 state are sharded over every device, the attention heads and MLP split two
 ways over a tensor axis, and each step runs in 4 microbatches. See
 pretrain_base.py for the fields people change, and check the bytes per device
-with `python -m train.memory --config configs/pretrain_large.py` first (32
-examples per batch shard per microbatch fit in 40 GiB).
+with `python -m train.memory --config configs/pretrain_large.py` first: the
+README's table estimates 32.7 GiB per device at 32 examples per batch shard
+per microbatch.
 """
 
 import importlib.util

@@ -129,3 +129,13 @@ def test_memory_nocompile_counts_state_only(tmp_path):
     assert result["total_bytes"] == expected
     # Every dimension of width 64 splits two ways over fsdp; the rest is small.
     assert result["params_bytes"] < _parameter_count(model) * 4 * 0.6
+
+
+def test_memory_unwritable_json_fails_first(tmp_path):
+    missing = tmp_path / "missing" / "estimate.json"
+    completed = _memory("--json", str(missing), timeout=300)
+    assert completed.returncode == 2
+    assert f"directory {missing.parent} does not exist" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    # The check runs before the model is built, so no estimate is printed.
+    assert "per device" not in completed.stdout

@@ -1,7 +1,7 @@
 """Estimate a training config's memory per device before running it.
 
-    python -m train.memory --config configs/pretrain_base.py \
-        [--devices 8] [--config.mesh_shape=(2,4,1) --config.global_batch_size=64 ...]
+    python -m train.memory --config configs/pretrain_base.py [--devices 8]
+        [--config.mesh_shape=(2,4,1) --config.global_batch_size=64 ...]
 
 The program builds the train step for the config's mesh and compiles it ahead
 of time on abstract inputs, so no parameter is allocated. It then prints the
@@ -33,13 +33,14 @@ _DEVICES = flags.DEFINE_integer(
     0,
     "Simulate this many CPU devices (sets XLA_FLAGS before JAX starts); 0 uses "
     "the devices present.",
+    lower_bound=0,
 )
 _JSON = flags.DEFINE_string("json", "", "Also write the estimate to this JSON file.")
 _COMPILE = flags.DEFINE_boolean(
     "compile",
     True,
     "Compile the step to measure its temporaries; --nocompile reports only the "
-    "parameters, optimizer state and batch, in seconds.",
+    "parameters, optimizer state and batch, and takes seconds instead of minutes.",
 )
 
 logger = logging.getLogger("train.memory")
@@ -124,6 +125,8 @@ def estimate(config, *, compile_step: bool = True) -> dict:
         "mesh": dict(mesh.shape),
         "global_batch_size": config.global_batch_size,
         "accumulation_steps": config.accumulation_steps,
+        "examples_per_shard": config.global_batch_size
+        // (mesh.shape["data"] * mesh.shape["fsdp"] * config.accumulation_steps),
         "dtype": config.dtype,
         "remat": config.remat,
         "params_bytes": params,
@@ -139,17 +142,19 @@ def estimate(config, *, compile_step: bool = True) -> dict:
 def format_estimate(result: dict) -> str:
     def gib(value):
         if value is None:
-            return "n/a"
+            return f"{'n/a':>13}"
         if value < GIB:
             return f"{value / 2**20:9.1f} MiB"
         return f"{value / GIB:9.2f} GiB"
 
     lines = [
         f"model {result['model']} ({result['parameters']:,} parameters), "
-        f"{result['devices']} {result['platform']} devices, mesh {result['mesh']}",
+        f"{_count(result['devices'], result['platform'] + ' device')}, "
+        f"mesh {result['mesh']}",
         f"global batch {result['global_batch_size']} in "
-        f"{result['accumulation_steps']} microbatches, dtype {result['dtype']}, "
-        f"remat {result['remat']}; "
+        f"{_count(result['accumulation_steps'], 'microbatch', 'microbatches')}, "
+        f"{result['examples_per_shard']} examples per batch shard per microbatch, "
+        f"dtype {result['dtype']}, remat {result['remat']}; "
         + (
             f"compiled in {result['compile_seconds']} s"
             if result["compile_seconds"] is not None
@@ -166,6 +171,23 @@ def format_estimate(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
+def _check_writable(path: str) -> None:
+    """Raise OSError now if `path` cannot be written, before minutes of compiling."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(
+            f"--json {path}: directory {parent} does not exist; create it or pick another path."
+        )
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(
+            f"--json {path}: directory {parent} is not writable; pick another path."
+        )
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -175,8 +197,10 @@ def main(argv: list[str]) -> int:
     for noisy in ("absl", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if _JSON.value:
+            _check_writable(_JSON.value)
         result = estimate(_CONFIG.value, compile_step=_COMPILE.value)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         logger.error("error: %s", error)
         return 2
     print(format_estimate(result))
