@@ -1,9 +1,20 @@
-"""Smoke test of the benchmarks: they run end to end and write their report."""
+"""Tests of the benchmarks: they run end to end and write their reports.
 
+`python -m bench` also gets checks of its analytic FLOP counts against
+PyTorch's FLOP counter, and of its PyTorch optimizer against bt-jax's.
+"""
+
+import dataclasses
+import json
 import subprocess
 import sys
 
-from helpers import REPO
+import pytest
+import torch
+import transformers
+from helpers import REPO, TINY, make_batch, run_torch, torch_model
+
+from bench import flops, torch_train
 
 
 def test_data_throughput_bench_writes_report(tmp_path):
@@ -39,3 +50,125 @@ def test_data_throughput_bench_writes_report(tmp_path):
     assert "| 0 | 1 |" in report
     assert "| 1 | 1 |" in report
     assert (tmp_path / "data_throughput.png").stat().st_size > 0
+
+
+# The inference rows only: the quick training row spends 45 s compiling bt-jax's
+# step, which the suite cannot afford. The FLOP and optimizer tests below cover
+# the PyTorch step, and tests/test_training_*.py the bt-jax one.
+QUICK_ROWS = ("tiny-itm-b2", "tiny-itc-b2", "tiny-mlm-b2")
+
+
+def test_bench_quick_compares_frameworks(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--rows",
+            *QUICK_ROWS,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["row"]: row for row in document["rows"]}
+    assert tuple(rows) == QUICK_ROWS
+    for name, row in rows.items():
+        assert f"| {name} |" in report
+        for framework in ("jax", "torch"):
+            rates = row[framework]["pairs_per_second"]
+            assert len(rates) == 2, (name, framework, rates)
+            assert min(rates) > 0, (name, framework, rates)
+            assert row[framework]["max_rss_mib"] > 0, (name, framework)
+        assert row["jax"]["compile_seconds"] > 0, name
+        assert row["max_abs_diff"] < 1e-4, (name, row["max_abs_diff"])
+        assert row["flops_per_call"] > 0, name
+    assert min(document["matmul_peak_gflops"].values()) > 0
+
+
+def test_bench_rejects_unknown_row(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--rows",
+            "base-vqa-b1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "--rows base-vqa-b1 matches no row" in result.stderr
+    assert "base-itm-b1" in result.stderr
+
+
+def _count_flops(function, *args) -> int:
+    """Count the matmul FLOPs of a PyTorch call, with attention as plain matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        function(*args)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("head", ["itm", "itc", "mlm"])
+def test_flops_match_torch_flop_counter(head):
+    batch = make_batch(TINY, batch=2, length=9, empty_row=False)
+    model = torch_model(TINY, head)
+    counted = _count_flops(run_torch, model, head, batch)
+    expected = flops.forward_flops(TINY, 2, 9, head)
+    extra = flops.reference_extra_flops(TINY, head, 2, 9)
+    assert counted == expected + extra
+
+
+def test_train_flops_match_torch_step():
+    config = transformers.BridgeTowerConfig.from_dict(TINY)
+    step = torch_train.PretrainingStep(torch_train.PretrainingModel(config))
+    arrays = make_batch(TINY, batch=4, length=9, empty_row=False)
+    batch = {
+        key: torch.from_numpy(value.copy())
+        for key, value in arrays.items()
+        if key != "pixel_values"
+    }
+    batch["pixel_values"] = torch.from_numpy(
+        arrays["pixel_values"].transpose(0, 3, 1, 2).copy()
+    )
+    batch["mlm_input_ids"] = batch["input_ids"]
+    batch["mlm_labels"] = batch["input_ids"]
+    batch["record_index"] = torch.arange(4)
+    counted = _count_flops(step.losses, batch)
+    # The MLM pass runs the whole backbone in PyTorch, as in MLM inference.
+    extra = flops.reference_extra_flops(TINY, "mlm", 4, 9)
+    assert counted == flops.train_forward_flops(TINY, 4, 9) + extra
+
+
+def test_torch_optimizer_settings_match_bt_jax():
+    from bt_jax.training import optim
+
+    reference = optim.OptimizerConfig()
+    settings = torch_train.OptimizerSettings()
+    for field in dataclasses.fields(settings):
+        assert getattr(settings, field.name) == getattr(reference, field.name), field
+    assert reference.grad_clip_norm is None
+    assert torch_train.NO_DECAY == optim.NO_DECAY
+    assert torch_train.HEAD_MODULES == optim.HEAD_MODULES
+    for step in (0, 500, reference.warmup, 60_000, reference.total_steps):
+        expected = optim.learning_rate_schedule(reference)(step)
+        actual = reference.learning_rate * settings.schedule_factor(step)
+        assert abs(float(expected) - actual) < 1e-12, step
