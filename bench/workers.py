@@ -24,6 +24,7 @@ private file descriptor and points descriptor 1 at stderr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -105,7 +106,10 @@ class _Server:
                 request["size"], request["repeats"]
             )
             return {"gflops": gflops}
-        raise ValueError(f"unknown op {op!r}")
+        raise ValueError(
+            f"unknown op {op!r}; expected load, outputs, run, stats, matmul_peak "
+            "or exit"
+        )
 
     def _loaded(self):
         if self.runner is None:
@@ -131,7 +135,13 @@ def serve(framework: str) -> None:
             break
         try:
             response = {"ok": True, **server.handle(request)}
-        except Exception:  # every failure goes back to the client, which raises
+        except Exception as error:  # the client raises it with the traceback
+            logging.getLogger("bench.workers").error(
+                "worker %d: request %r failed: %s",
+                os.getpid(),
+                request.get("op"),
+                error,
+            )
             response = {"ok": False, "error": traceback.format_exc()}
         protocol.write(json.dumps(response) + "\n")
 
