@@ -110,12 +110,12 @@ def test_parity_batch_of_one_without_mask(tmp_path):
 @pytest.mark.parametrize(
     "variant", ["add", "unshared_transforms", "three_cross_layers"]
 )
-def test_parity_unrolled_layers(tmp_path, variant):
-    # Layer stacks run as `lax.scan` by default; the unrolled loop that
-    # `scan_layers = False` selects must match the reference as well.
+def test_parity_scanned_layers(tmp_path, variant):
+    # Inference unrolls the layer stacks by default; the `lax.scan` path that
+    # `scan_layers = True` selects (and training uses) must match the reference.
     config = tiny_config(**VARIANTS[variant])
     reference, model = load_pair(tmp_path, config, "itm")
-    model.bridgetower.scan_layers = False
+    model.bridgetower.scan_layers = True
     batch = make_batch(config, batch=3, length=9)
     assert_outputs_close(
         run_torch(reference, "itm", batch), run_jax(model, "itm", batch), ATOL

@@ -83,6 +83,8 @@ class Trainer:
       dtype: compute dtype (parameters stay float32).
       remat: per-layer rematerialisation, "none", "full" or "dots"
         (`bt_jax.modeling.bridgetower.REMAT_POLICIES`).
+      scan_layers: run each stack of layers as one `lax.scan`
+        (`BridgeTowerModel.scan_layers`); the step compiles faster.
     """
 
     config: BridgeTowerConfig
@@ -93,6 +95,7 @@ class Trainer:
     accumulation_steps: int = 1
     dtype: Any = jnp.float32
     remat: str = "none"
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -162,6 +165,7 @@ class Trainer:
                 rngs=nnx.Rngs(params=seed),
             )
         model.bridgetower.remat = self.remat
+        model.bridgetower.scan_layers = self.scan_layers
         return model
 
     def _init(self, rng: jax.Array) -> TrainState:
