@@ -8,6 +8,10 @@ parameters: Adam's first update is about the sign of each gradient, so for
 gradients that are zero in exact arithmetic (attention key biases; softmax
 ignores a constant added to every score of a query) it is the sign of
 rounding noise.
+
+The same script also runs the single-device step without dropout twice: as
+three separate passes (`fuse_passes=False`, the original recipe) and fused
+into one batch (the default). Both must give the same numbers.
 """
 
 import json
@@ -26,7 +30,7 @@ REMAT = {(8, 1, 1): "none", (2, 4, 1): "full", (2, 2, 2): "dots"}
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import dataclasses, json, sys
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
@@ -61,10 +65,10 @@ SCRIPT = textwrap.dedent(
         "record_index": np.arange(size, dtype=np.int32) // 2,
     }
 
-    def run(mesh, remat="none"):
+    def run(mesh, remat="none", fuse=True, config=config):
         trainer = Trainer(
             config,
-            ObjectiveConfig(),
+            ObjectiveConfig(fuse_passes=fuse),
             OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10),
             mesh,
             remat=remat,
@@ -91,10 +95,7 @@ SCRIPT = textwrap.dedent(
         sharding.MESH_AXES,
         axis_types=(AxisType.Auto,) * 3,
     )
-    reference_params, reference_metrics, _ = run(single)
-    result = {"devices": jax.device_count(), "meshes": {}}
-    for shape, remat in json.loads(sys.argv[1]):
-        params, metrics, specs = run(sharding.make_mesh(shape), remat)
+    def compare(params, metrics, reference_params, reference_metrics):
         errors = {}
         largest = max(float(np.abs(g).max()) for g in reference_params.values())
         for name, expected in reference_params.items():
@@ -102,18 +103,34 @@ SCRIPT = textwrap.dedent(
             # are rounding noise; compare them against a floor instead.
             scale = max(float(np.abs(expected).max()), 1e-3 * largest)
             errors[name] = float(np.abs(params[name] - expected).max()) / scale
-        worst = max(errors.values())
         metric_errors = {
             k: abs(metrics[k] - reference_metrics[k]) / max(abs(reference_metrics[k]), 1e-6)
             for k in reference_metrics
         }
-        metric_error = max(metric_errors.values())
-        result["meshes"][str(tuple(shape))] = {
-            "param_relative_error": worst,
-            "metric_relative_error": metric_error,
-            "sharded_specs": [s for s in specs if s != "PartitionSpec()"],
+        return {
+            "param_relative_error": max(errors.values()),
+            "metric_relative_error": max(metric_errors.values()),
             "worst_params": sorted(errors.items(), key=lambda kv: -kv[1])[:3],
             "metrics": metric_errors,
+        }
+
+    result = {"devices": jax.device_count(), "meshes": {}}
+    # Without dropout, the three passes run separately (fuse_passes=False) must
+    # give what the fused step gives.
+    text = dataclasses.replace(
+        config.text_config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    deterministic = config.replace(text_config=text)
+    fused = run(single, config=deterministic)
+    separate = run(single, fuse=False, config=deterministic)
+    result["separate_passes"] = compare(*separate[:2], *fused[:2])
+
+    reference_params, reference_metrics, _ = run(single)
+    for shape, remat in json.loads(sys.argv[1]):
+        params, metrics, specs = run(sharding.make_mesh(shape), remat)
+        result["meshes"][str(tuple(shape))] = {
+            **compare(params, metrics, reference_params, reference_metrics),
+            "sharded_specs": [s for s in specs if s != "PartitionSpec()"],
         }
     result["reference_metrics"] = reference_metrics
     print(json.dumps(result))
@@ -172,3 +189,11 @@ def test_sharded_step_keeps_parameters_sharded(sharded_steps, shape):
 def test_sharded_step_splits_parameters_over_tensor(sharded_steps):
     specs = sharded_steps["meshes"]["(2, 2, 2)"]["sharded_specs"]
     assert any("tensor" in spec for spec in specs), specs
+
+
+def test_fused_step_matches_separate_passes(sharded_steps):
+    # One vision encoding and one cross-modal batch for the MLM, positive and
+    # negative pairs must give the gradients and metrics of the three passes.
+    result = sharded_steps["separate_passes"]
+    assert result["param_relative_error"] < 1e-5, result["worst_params"]
+    assert result["metric_relative_error"] < 1e-5, result["metrics"]

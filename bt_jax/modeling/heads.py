@@ -191,9 +191,9 @@ class _HeadModel(nnx.Module):
             )
         )
 
-    def _mlm_logits(self, trace: ForwardTrace) -> jax.Array:
+    def _mlm_logits(self, text_features: jax.Array) -> jax.Array:
         word_embeddings = self.bridgetower.text_model.embeddings.word_embeddings
-        return self.mlm_score(trace.text_features, word_embeddings)
+        return self.mlm_score(text_features, word_embeddings)
 
     def _text_embeds(self, last_text: jax.Array) -> jax.Array:
         """Project the CLS token of the last text layer (uni-modal) and normalise."""
@@ -234,6 +234,7 @@ class _HeadModel(nnx.Module):
         pixel_values,
         interpolate_pos_encoding,
         dropout_rng,
+        image_hidden_states=None,
     ) -> ForwardTrace:
         return self.bridgetower.forward_trace(
             input_ids,
@@ -241,6 +242,7 @@ class _HeadModel(nnx.Module):
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             dropout_rng=dropout_rng,
+            image_hidden_states=image_hidden_states,
         )
 
 
@@ -303,7 +305,7 @@ class BridgeTowerForMaskedLM(_HeadModel):
             interpolate_pos_encoding,
             dropout_rng,
         )
-        logits = self._mlm_logits(trace)
+        logits = self._mlm_logits(trace.text_features)
         loss = None if labels is None else losses.masked_lm_loss(logits, labels)
         return MaskedLMOutput(
             logits=logits,
@@ -460,11 +462,14 @@ class BridgeTowerForPreTraining(_ContrastiveEncoders, _HeadModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         dropout_rng: jax.Array | None = None,
+        image_hidden_states: jax.Array | None = None,
     ) -> PreTrainingOutput:
         """Run the backbone once and apply `heads` (default: all of this model's).
 
         Outputs of heads not applied are None. Each output equals the one of the
-        matching single-head class on the same weights.
+        matching single-head class on the same weights. `image_hidden_states`
+        (from `bridgetower.image_hidden_states`) replaces `pixel_values`, so passes
+        over the same images encode them once.
         """
         del pixel_mask
         requested = self.heads if heads is None else parse_heads(heads)
@@ -480,10 +485,11 @@ class BridgeTowerForPreTraining(_ContrastiveEncoders, _HeadModel):
             pixel_values,
             interpolate_pos_encoding,
             dropout_rng,
+            image_hidden_states,
         )
         outputs = {}
         if "mlm" in requested:
-            outputs["mlm_logits"] = self._mlm_logits(trace)
+            outputs["mlm_logits"] = self._mlm_logits(trace.text_features)
         if "itm" in requested:
             outputs["itm_logits"] = self.itm_score(trace.pooler_output)
         if "itc" in requested:
