@@ -700,3 +700,31 @@ def test_save_pretrained_existing_output_raises(tmp_path, model):
     message = str(raised.value)
     assert str(out) in message
     assert "overwrite=True" in message
+
+
+def test_attention_implementation_unknown_name():
+    from bt_jax.modeling import layers
+
+    with (
+        pytest.raises(ValueError, match=r"'flash' is unknown; use one of"),
+        layers.attention_implementation("flash"),
+    ):
+        pass
+
+
+def test_attention_implementation_reaches_jax():
+    # "cudnn" needs a GPU and half-precision inputs, so on CPU float32 tracing
+    # must fail inside jax.nn.dot_product_attention; without the context it runs.
+    from bt_jax.modeling import layers
+
+    x = jnp.ones((1, 4, 2, 8), jnp.float32)
+
+    def attend(x):
+        return layers.dot_product_attention(x, x, x, None, dropout=None, rngs=None)
+
+    with (
+        layers.attention_implementation("cudnn"),
+        pytest.raises(Exception, match=r"(?i)cudnn|dtype|gpu|cuda"),
+    ):
+        jax.jit(attend).lower(x)
+    assert jax.jit(attend)(x).shape == x.shape

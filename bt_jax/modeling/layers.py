@@ -12,8 +12,10 @@ Numerical conventions follow the PyTorch reference (transformers 5.25):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,34 @@ def key_padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
     return (attention_mask != 0)[:, None, None, :]
 
 
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+_attention_implementation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "bt_jax_attention_implementation", default=None
+)
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str | None) -> Iterator[None]:
+    """Trace attention without dropout with `jax.nn.dot_product_attention(implementation=name)`.
+
+    None lets JAX choose, which in jax 0.10 is always the XLA lowering. "cudnn"
+    selects cuDNN's fused kernel, which needs an NVIDIA GPU and bfloat16 or
+    float16 activations, and fails to compile otherwise. It applies to
+    functions traced inside the block; a function `jax.jit` traced before keeps
+    its cached program. Attention with dropout always takes the explicit path.
+    """
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {name!r} is unknown; use one of "
+            f"{ATTENTION_IMPLEMENTATIONS}."
+        )
+    token = _attention_implementation.set(name)
+    try:
+        yield
+    finally:
+        _attention_implementation.reset(token)
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -186,14 +216,20 @@ def dot_product_attention(
     masked scores, and it never produces NaN.
 
     Without dropout this calls `jax.nn.dot_product_attention`, so accelerators can
-    use a fused kernel. `jax.nn.dot_product_attention` has no dropout on the
+    use a fused kernel (see `attention_implementation`). `jax.nn.dot_product_attention` has no dropout on the
     attention weights, so training with attention dropout takes the explicit path.
     """
     query, key, value = (
         sharding.constrain(x, HEAD_ACTIVATION_AXES) for x in (query, key, value)
     )
     if rngs is None or dropout is None or dropout.rate == 0.0:
-        context = jax.nn.dot_product_attention(query, key, value, mask=mask)
+        context = jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            implementation=_attention_implementation.get(),
+        )
         return sharding.constrain(context, HEAD_ACTIVATION_AXES)
     scale = 1.0 / math.sqrt(query.shape[-1])
     scores = jnp.einsum(
