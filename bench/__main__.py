@@ -7,8 +7,9 @@ the same random checkpoint (`python -m convert init-random`) and the same
 input arrays. Before timing, the row's outputs of both are compared. After
 warm-up calls (bt-jax compiles before them), timed rounds alternate between
 the two workers (bt-jax, PyTorch, bt-jax, ...), and the report gives the
-median of the rounds. One process per framework and row means that each
-peak RSS belongs to that row alone.
+median of the rounds. Training rows run the frameworks one after the other
+instead, because both processes together need more than 24 GiB. One process
+per framework and row means that each peak RSS belongs to that row alone.
 
 Writes RESULTS.md, results.png and results.json to `--out` (default bench/).
 `--quick` runs every kind of row on the tiny model, for CI: about 90 s on
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import flops, report
-from bench.workers import REPO, WORKER_ENVIRONMENT, Worker, WorkerError
+from bench.workers import FRAMEWORKS, REPO, WORKER_ENVIRONMENT, Worker, WorkerError
 
 logger = logging.getLogger("bench")
 
@@ -51,7 +52,9 @@ class Row:
     """One benchmark row: a task on one model size at one batch size."""
 
     size: str  # a preset in configs/, such as "base"
-    task: str  # "itm", "itc", "mlm" (inference) or "train"
+    # "itm", "itc", "mlm" (inference), "train" (the step, images encoded once)
+    # or "train-separate" (images encoded in every pass, as the original recipe)
+    task: str
     batch: int
     length: int  # text tokens per pair
 
@@ -68,6 +71,7 @@ FULL_ROWS = (
         for batch in batches
     ),
     Row("base", "train", 4, 40),
+    Row("base", "train-separate", 4, 40),
 )
 QUICK_ROWS = (
     *(Row("tiny", task, 2, 16) for task in HEAD_TASKS),
@@ -288,7 +292,7 @@ def make_inputs(row: Row, config: dict, path: Path, seed: int) -> Path:
             (row.batch, side, side, channels), dtype=np.float32
         ),
     }
-    if row.task == "train":
+    if row.task.startswith("train"):
         # Mask 15% of the tokens between the first and the last, at least one.
         inner = row.length - 2
         chosen = rng.random((row.batch, inner)) < 0.15
@@ -333,6 +337,58 @@ def _calls_per_round(settings: Settings, warmup_seconds: list[float]) -> int:
     return max(1, round(settings.round_seconds / warmup_seconds[-1]))
 
 
+def _measure(
+    workers: dict[str, Worker],
+    row: Row,
+    request: dict,
+    paths: dict[str, Path],
+    settings: Settings,
+    measure_peak: bool,
+) -> dict[str, dict]:
+    """Load, check, warm up and time `workers`, alternating their timed rounds."""
+    # One at a time, so that bt-jax's compile time is measured without the
+    # PyTorch worker loading on the same cores.
+    for worker in workers.values():
+        worker.wait_ready()
+    loaded = {
+        name: worker.request("load", **request) for name, worker in workers.items()
+    }
+    for name, worker in workers.items():
+        worker.request("outputs", path=str(paths[name]))
+
+    calls = {}
+    for name, worker in workers.items():
+        warmup = worker.request("run", calls=settings.warmup)["seconds"]
+        calls[name] = _calls_per_round(settings, warmup)
+    rates = {name: [] for name in workers}
+    for _ in range(settings.rounds):
+        for name, worker in workers.items():
+            seconds = worker.request("run", calls=calls[name])["seconds"]
+            rates[name].append(row.batch * len(seconds) / sum(seconds))
+
+    measured = {}
+    for name, worker in workers.items():
+        stats = worker.request("stats")
+        measured[name] = {
+            "pairs_per_second": rates[name],
+            "median": statistics.median(rates[name]),
+            "calls_per_round": calls[name],
+            "compile_seconds": loaded[name]["compile_seconds"],
+            **stats,
+        }
+        loss = stats["last_loss"]
+        if row.task.startswith("train") and not (
+            loss is not None and math.isfinite(loss)
+        ):
+            raise ValueError(f"the {name} training loss is {loss}")
+        if measure_peak:
+            # After `stats`, so the matmuls do not count in the rows' peak RSS.
+            measured[name]["matmul_peak_gflops"] = worker.request(
+                "matmul_peak", size=settings.peak_size, repeats=settings.peak_repeats
+            )["gflops"]
+    return measured
+
+
 def run_row(
     row: Row,
     checkpoint: Path,
@@ -343,60 +399,37 @@ def run_row(
 ) -> dict:
     """Benchmark one row in a fresh pair of workers and return its results."""
     inputs = make_inputs(row, config, work_dir / f"{row.name}.npz", settings.seed)
-    with Worker("jax") as jax_worker, Worker("torch") as torch_worker:
-        workers = {"jax": jax_worker, "torch": torch_worker}
-        for worker in workers.values():
-            worker.wait_ready()
-        request = {"task": row.task, "checkpoint": str(checkpoint)}
-        # One at a time, so that bt-jax's compile time is measured without the
-        # PyTorch worker loading on the same cores.
-        loaded = {
-            name: worker.request("load", inputs=str(inputs), **request)
-            for name, worker in workers.items()
-        }
-        paths = {name: work_dir / f"{row.name}.{name}.npy" for name in workers}
-        for name, worker in workers.items():
-            worker.request("outputs", path=str(paths[name]))
-        result = {"row": row.name, **dataclasses.asdict(row)}
-        result["image_size"] = config["vision_config"]["image_size"]
-        result.update(compare_outputs(paths["jax"], paths["torch"], settings.atol))
-        for path in paths.values():
-            path.unlink()
-
-        calls = {}
-        for name, worker in workers.items():
-            warmup = worker.request("run", calls=settings.warmup)["seconds"]
-            calls[name] = _calls_per_round(settings, warmup)
-        rates = {name: [] for name in workers}
-        for _ in range(settings.rounds):
-            for name, worker in workers.items():
-                seconds = worker.request("run", calls=calls[name])["seconds"]
-                rates[name].append(row.batch * len(seconds) / sum(seconds))
-        for name, worker in workers.items():
-            stats = worker.request("stats")
-            result[name] = {
-                "pairs_per_second": rates[name],
-                "median": statistics.median(rates[name]),
-                "calls_per_round": calls[name],
-                "compile_seconds": loaded[name]["compile_seconds"],
-                **stats,
-            }
-            loss = stats["last_loss"]
-            if row.task == "train" and not (loss is not None and math.isfinite(loss)):
-                raise ValueError(f"the {name} training loss is {loss}")
-        if measure_peak:
-            # After `stats`, so the matmuls do not count in the rows' peak RSS.
-            result["matmul_peak_gflops"] = {
-                name: worker.request(
-                    "matmul_peak",
-                    size=settings.peak_size,
-                    repeats=settings.peak_repeats,
-                )["gflops"]
-                for name, worker in workers.items()
-            }
+    request = {"task": row.task, "checkpoint": str(checkpoint), "inputs": str(inputs)}
+    paths = {name: work_dir / f"{row.name}.{name}.npy" for name in FRAMEWORKS}
+    if row.task.startswith("train"):
+        # Both training processes together need more memory than a 24 GiB
+        # machine has, so the frameworks run one after the other.
+        measured = {}
+        for name in FRAMEWORKS:
+            with Worker(name) as worker:
+                measured.update(
+                    _measure(
+                        {name: worker}, row, request, paths, settings, measure_peak
+                    )
+                )
+    else:
+        with Worker("jax") as jax_worker, Worker("torch") as torch_worker:
+            workers = {"jax": jax_worker, "torch": torch_worker}
+            measured = _measure(workers, row, request, paths, settings, measure_peak)
+    result = {"row": row.name, **dataclasses.asdict(row)}
+    result["image_size"] = config["vision_config"]["image_size"]
+    result["sequential"] = row.task.startswith("train")
+    result.update(compare_outputs(paths["jax"], paths["torch"], settings.atol))
+    for path in paths.values():
+        path.unlink()
+    for name, values in measured.items():
+        peak = values.pop("matmul_peak_gflops", None)
+        if peak is not None:
+            result.setdefault("matmul_peak_gflops", {})[name] = peak
+        result[name] = values
     result["ratio"] = result["jax"]["median"] / result["torch"]["median"]
     result["flops_per_call"] = row_flops(row, config)
-    if row.task != "train":
+    if not row.task.startswith("train"):
         result["reference_extra_flops"] = flops.reference_extra_flops(
             config, row.task, row.batch, row.length
         )
@@ -404,8 +437,10 @@ def run_row(
 
 
 def row_flops(row: Row, config: dict) -> int:
-    if row.task == "train":
-        return flops.train_step_flops(config, row.batch, row.length)
+    if row.task.startswith("train"):
+        return flops.train_step_flops(
+            config, row.batch, row.length, share_image_encoding=row.task == "train"
+        )
     return flops.forward_flops(config, row.batch, row.length, row.task)
 
 

@@ -115,14 +115,11 @@ def backbone_flops(
         )
     cross_layers = config["num_hidden_layers"]
     tokens = image_tokens(config, image_size)
-    patch = vision["patch_size"]
-    channels = vision.get("num_channels", 3)
     text_width, vision_width = text["hidden_size"], vision["hidden_size"]
     intermediate = text["intermediate_size"]
 
     total = text_layers * _encoder_layer_flops(length, text_width, intermediate)
-    total += linear_flops(tokens - 1, channels * patch * patch, vision_width)
-    total += text_layers * _encoder_layer_flops(tokens, vision_width, 4 * vision_width)
+    total += vision_flops(config, image_size)
     total += cross_layers * (
         linear_flops(length, text_width, width)
         + linear_flops(tokens, vision_width, width)
@@ -201,23 +198,41 @@ def reference_extra_flops(
     raise ValueError(f"head={head!r} is unknown; use one of {', '.join(HEADS)}.")
 
 
-def train_forward_flops(config: dict, batch: int, length: int) -> int:
+def vision_flops(config: dict, image_size: int | None = None) -> int:
+    """Return the matmul FLOPs of the vision encoder for one image, as the backbone runs it."""
+    vision = config["vision_config"]
+    width, patch = vision["hidden_size"], vision["patch_size"]
+    tokens = image_tokens(config, image_size)
+    patches = linear_flops(tokens - 1, vision.get("num_channels", 3) * patch**2, width)
+    blocks = config["text_config"]["num_hidden_layers"]
+    return patches + blocks * _encoder_layer_flops(tokens, width, 4 * width)
+
+
+def train_forward_flops(
+    config: dict, batch: int, length: int, *, share_image_encoding: bool = True
+) -> int:
     """Return the forward matmul FLOPs of one MLM + ITM + ITC step (`pretraining_loss`).
 
     The step runs three passes: MLM on the masked texts (`batch` pairs), the
     positive pass with the ITM and ITC heads (`batch` pairs) and the ITM pass on
     the `2 * batch` negative pairs. The ITC loss adds three similarity matrices,
-    and the draw of hard negatives a fourth.
+    and the draw of hard negatives a fourth. With `share_image_encoding` the
+    vision encoder runs once on the `batch` images instead of in each pass.
     """
-    return (
+    total = (
         forward_flops(config, batch, length, "mlm")
         + forward_flops(config, batch, length, ("itm", "itc"))
         + 4 * similarity_flops(config, batch)
         + forward_flops(config, 2 * batch, length, "itm")
     )
+    if share_image_encoding:
+        total -= 3 * batch * vision_flops(config)
+    return total
 
 
-def train_step_flops(config: dict, batch: int, length: int) -> int:
+def train_step_flops(
+    config: dict, batch: int, length: int, *, share_image_encoding: bool = True
+) -> int:
     """Return the matmul FLOPs of one training step: forward and backward.
 
     Each pass counts 3x its forward FLOPs: the forward, then the gradients of
@@ -227,4 +242,7 @@ def train_step_flops(config: dict, batch: int, length: int) -> int:
     per pass) is counted but not computed.
     """
     sampling = similarity_flops(config, batch)
-    return 3 * (train_forward_flops(config, batch, length) - sampling) + sampling
+    forward = train_forward_flops(
+        config, batch, length, share_image_encoding=share_image_encoding
+    )
+    return 3 * (forward - sampling) + sampling

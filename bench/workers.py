@@ -198,8 +198,15 @@ class Worker:
     def request(self, op: str, **fields) -> dict:
         """Send one request and return the response, raising WorkerError on failure."""
         self.wait_ready()
-        self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            code = self.process.wait()
+            raise WorkerError(
+                f"the {self.framework} worker exited with code {code} before the "
+                f"{op!r} request; -9 often means out of memory."
+            ) from None
         return self._read()
 
     def close(self) -> None:

@@ -137,9 +137,12 @@ def test_flops_match_torch_flop_counter(head):
     assert counted == expected + extra
 
 
-def test_train_flops_match_torch_step():
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "separate"])
+def test_train_flops_match_torch_step(share):
     config = transformers.BridgeTowerConfig.from_dict(TINY)
-    step = torch_train.PretrainingStep(torch_train.PretrainingModel(config))
+    step = torch_train.PretrainingStep(
+        torch_train.PretrainingModel(config), share_image_encoding=share
+    )
     arrays = make_batch(TINY, batch=4, length=9, empty_row=False)
     batch = {
         key: torch.from_numpy(value.copy())
@@ -155,7 +158,8 @@ def test_train_flops_match_torch_step():
     counted = _count_flops(step.losses, batch)
     # The MLM pass runs the whole backbone in PyTorch, as in MLM inference.
     extra = flops.reference_extra_flops(TINY, "mlm", 4, 9)
-    assert counted == flops.train_forward_flops(TINY, 4, 9) + extra
+    expected = flops.train_forward_flops(TINY, 4, 9, share_image_encoding=share)
+    assert counted == expected + extra
 
 
 def test_torch_optimizer_settings_match_bt_jax():
