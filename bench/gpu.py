@@ -277,8 +277,12 @@ def check_writable(parser: argparse.ArgumentParser, path: Path) -> None:
     if path.is_dir():
         parser.error(f"--json {path} is a folder; pass a file path such as gpu.json")
     folder = path.parent
+    if not folder.is_dir():
+        parser.error(
+            f"--json {path}: the folder {folder} does not exist; create it or pass "
+            "a path in an existing, writable folder"
+        )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".bench-gpu-"):
             pass
     except OSError as err:
@@ -522,8 +526,15 @@ def run_program(
             result = benchmark_train(config, batch, settings)
         else:
             result = benchmark_inference(config, program, batch, settings)
-    except (jax.errors.JaxRuntimeError, FloatingPointError) as err:
-        # Running out of device memory is the usual failure, and the other programs
+    except (
+        jax.errors.JaxRuntimeError,
+        FloatingPointError,
+        NotImplementedError,
+        RuntimeError,
+        ValueError,
+    ) as err:
+        # Running out of device memory is the usual failure, and an attention
+        # implementation the device cannot run another; the other programs
         # still run.
         logger.error("%s %s (batch %d) failed: %s", size, program, batch, err)
         return {"size": size, "program": program, "batch": batch, "error": str(err)}
@@ -652,6 +663,13 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     attention = args.attention
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        logger.error(
+            "--attention cudnn needs an NVIDIA GPU, but the backend is %s; use "
+            "--attention auto or xla",
+            jax.default_backend(),
+        )
+        return 2
     if attention == "auto":
         attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
     settings = Settings(

@@ -283,7 +283,7 @@ def markdown(document: dict) -> str:
     lines = [
         "# bt-jax against PyTorch (transformers) on the CPU",
         "",
-        f"Command: `{document['command']}` (from the repository root), run on "
+        f"Command: `{document['command']}` (from the repository root), finished on "
         f"{document['date']}, {document['seconds']:.0f} s in all.",
         "",
         table(document),

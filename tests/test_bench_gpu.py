@@ -34,7 +34,7 @@ TINY_RUN = [
 
 
 def test_gpu_bench_tiny_writes_json(tmp_path, capsys):
-    path = tmp_path / "out" / "gpu.json"
+    path = tmp_path / "gpu.json"
     assert gpu.main([*TINY_RUN, "--json", str(path)]) == 0
 
     document = json.loads(path.read_text())

@@ -180,13 +180,16 @@ _attention_implementation: contextvars.ContextVar[str | None] = contextvars.Cont
 
 @contextlib.contextmanager
 def attention_implementation(name: str | None) -> Iterator[None]:
-    """Trace attention without dropout with `jax.nn.dot_product_attention(implementation=name)`.
+    """Trace attention without dropout with `jax.nn.dot_product_attention`'s `name`.
 
     None lets JAX choose, which in jax 0.10 is always the XLA lowering. "cudnn"
     selects cuDNN's fused kernel, which needs an NVIDIA GPU and bfloat16 or
-    float16 activations, and fails to compile otherwise. It applies to
+    float16 activations, and fails while tracing otherwise. It applies to
     functions traced inside the block; a function `jax.jit` traced before keeps
     its cached program. Attention with dropout always takes the explicit path.
+    Masked attention (over the text stream's padding) keeps the XLA lowering.
+    jax 0.10 turns a mask into a cuDNN bias with one row per query, and a
+    `(batch, 1, 1, keys)` padding mask has only one row.
     """
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -216,19 +219,23 @@ def dot_product_attention(
     masked scores, and it never produces NaN.
 
     Without dropout this calls `jax.nn.dot_product_attention`, so accelerators can
-    use a fused kernel (see `attention_implementation`). `jax.nn.dot_product_attention` has no dropout on the
+    use a fused kernel (see `attention_implementation`).
+    `jax.nn.dot_product_attention` has no dropout on the
     attention weights, so training with attention dropout takes the explicit path.
     """
     query, key, value = (
         sharding.constrain(x, HEAD_ACTIVATION_AXES) for x in (query, key, value)
     )
     if rngs is None or dropout is None or dropout.rate == 0.0:
+        implementation = _attention_implementation.get()
+        if mask is not None and implementation == "cudnn":
+            implementation = None
         context = jax.nn.dot_product_attention(
             query,
             key,
             value,
             mask=mask,
-            implementation=_attention_implementation.get(),
+            implementation=implementation,
         )
         return sharding.constrain(context, HEAD_ACTIVATION_AXES)
     scale = 1.0 / math.sqrt(query.shape[-1])

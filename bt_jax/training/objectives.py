@@ -38,11 +38,13 @@ class ObjectiveConfig:
     # True runs the step as one batch. The vision encoder runs once on the
     # images, and the text encoder on the MLM and plain texts, then on the
     # negatives' texts. The cross-modal tower then runs once on the MLM,
-    # positive and negative pairs together. False runs the three passes separately, each with its
-    # own vision encoding, as the original PyTorch recipe does. The vision
+    # positive and negative pairs together. False runs the three passes
+    # separately, each with its own vision encoding, as the original PyTorch
+    # recipe does. The vision
     # encoder has no dropout and every pair keeps its own text dropout, so
-    # both compute the same losses and gradients; fusing does a quarter of the
-    # vision work and runs fewer, larger matmuls.
+    # both compute the same function: the same losses and gradients without
+    # dropout, and the same in distribution with it (the masks are drawn from
+    # other keys). Fusing does a quarter of the vision work.
     fuse_passes: bool = True
 
     def __post_init__(self):
