@@ -22,8 +22,8 @@ Without an `implementation`, jax 0.10.2 lowers `jax.nn.dot_product_attention`
 with plain XLA ops, and XLA's GPU compiler no longer rewrites attention into
 cuDNN calls (openxla/xla pull request 22225 removed that pass). So on a GPU
 the programs are traced under `bt_jax.modeling.layers.attention_implementation
-("cudnn")` (`--attention auto`, the default), and the table says whether the
-compiled program holds the fused kernel. Attention with dropout (the training
+("cudnn")` (`--attention auto`, the default), and the table shows whether
+the compiled program contains the fused kernel. Attention with dropout (the training
 step's text and cross-modal layers, unless `--no-attention-dropout`) keeps
 bt-jax's explicit path.
 
