@@ -10,6 +10,10 @@ written here, never from `bt_jax.data`, so tests can compare the two.
 Captions at position 1 of each image are written with surrounding whitespace,
 and the captions of a split are interleaved across its images as in the real
 annotation files, so a build has to strip and group them.
+
+`write_nlvr2_fixture` and `write_snli_ve_fixture` write the labelled tasks
+NLVR2 and SNLI-VE from small random images instead, optionally with faulty
+lines and files, and return a `TaskSource`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 
 from bt_jax import samples
@@ -501,3 +506,330 @@ def write_vqa_source(root: Path, photos: dict[str, Photo]) -> Expected:
         # The builder stores the test-dev questions as split "test_dev".
         expected[split.replace("-", "_")] = list(records.values())
     return expected
+
+
+# ---------------------------------------------------------------------------
+# Labelled tasks: NLVR2 and SNLI-VE in their official layouts, with small
+# images drawn here instead of the sample photos.
+
+
+@dataclasses.dataclass
+class TaskSource:
+    """A labelled-task source folder and what a correct build must store.
+
+    `expected` lists the records per split in source order. Each record's
+    `extra` has `labels`, one hand-written class per text, and for NLVR2
+    `image_2`, the bytes of the pair's second image file. `skips` lists per
+    split the `(id, word)` of each skip a build must report, where `word`
+    appears in the skip's reason ("missing", "corrupt", "label", ...).
+    """
+
+    root: Path
+    expected: Expected
+    skips: dict[str, list[tuple[str, str]]]
+
+
+def write_noise_image(
+    path: Path, seed: int, size: tuple[int, int] = (40, 28), format: str = "PNG"
+) -> bytes:
+    """Write a random RGB image of `size` (width, height) and return its bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(pixels.astype(np.uint8)).save(path, format=format)
+    return path.read_bytes()
+
+
+def write_garbage_image(path: Path) -> None:
+    """Write bytes that no image decoder accepts under an image file name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not an image" * 20)
+
+
+def _write_json_lines(path: Path, lines: list[dict | str]) -> None:
+    """Write objects as JSON Lines; a str is written as it is (a broken line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(
+        (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines
+    )
+    path.write_text(text, encoding="utf-8")
+
+
+# (identifier, sentence, label as in the file, class a build must store). NLVR2
+# "True" is class 1 and "False" class 0. Sentence lines of different pairs are
+# interleaved, and one sentence has surrounding whitespace.
+NLVR2_SENTENCES = {
+    "train": [
+        ("train-10171-0-0", "The left image shows two dogs.", "True", 1),
+        ("train-52-1-0", "Both images contain a red car.", "False", 0),
+        ("train-10171-0-1", "  There are exactly three birds.\n", "False", 0),
+        ("train-52-1-1", "One image has a person in it.", "True", 1),
+        ("train-52-1-2", "The right image is at night.", "True", 1),
+    ],
+    "dev": [
+        ("dev-850-0-0", "A bottle stands on a table.", "True", 1),
+        ("dev-850-0-1", "The left image shows a beach.", "False", 0),
+    ],
+    "test1": [("test1-12-3-0", "Each image shows a single cat.", "True", 1)],
+}
+# The numbered train image sub-folder of each train pair.
+NLVR2_DIRECTORIES = {"train-10171-0": 3, "train-52-1": 7}
+# Where each split's images go: train in images/train/{directory}/ and dev in
+# dev/ as the NLVR2 download unpacks them, test1 in the accepted images/test1/.
+NLVR2_IMAGE_FOLDERS = {"train": "images/train", "dev": "dev", "test1": "images/test1"}
+
+
+def write_nlvr2_fixture(
+    root: Path, *, faults: bool = True, extra_pairs: int = 0
+) -> TaskSource:
+    """Write NLVR2 annotations and image pairs under root in the official layout.
+
+    The annotation files go to `root/nlvr2/data/{train,dev,test1}.json`, and
+    each pair's `-img0.png` and `-img1.png` (random images of different sizes)
+    to the folders of `NLVR2_IMAGE_FOLDERS`.
+
+    Args:
+      root: the source folder to create.
+      faults: also write train lines and files a build must skip. These are
+        a pair whose second image is missing, a pair whose first image does not
+        decode and one whose second image does not decode, a sentence labelled
+        "Maybe", a repeated identifier and a line that is not JSON.
+      extra_pairs: clean train pairs to add after the listed ones, each with
+        two sentences labelled "True" then "False" (directory 0).
+    """
+    expected: Expected = {}
+    skips: dict[str, list[tuple[str, str]]] = {}
+    directories = dict(NLVR2_DIRECTORIES)
+    seed = 0
+    for split, sentences in NLVR2_SENTENCES.items():
+        lines: list[dict | str] = []
+        records: dict[str, ExpectedRecord] = {}
+        rows = list(sentences)
+        if split == "train":
+            for number in range(extra_pairs):
+                pair = f"train-9{number:03d}-0"
+                directories[pair] = 0
+                rows.append((f"{pair}-0", f"Extra pair {number} is true.", "True", 1))
+                rows.append((f"{pair}-1", f"Extra pair {number} is false.", "False", 0))
+        for identifier, sentence, label, label_class in rows:
+            pair = identifier.rsplit("-", 1)[0]
+            entry: dict[str, Any] = {
+                "identifier": identifier,
+                "sentence": sentence,
+                "label": label,
+                "validation": {},
+                "writer": "fixture",
+            }
+            if split == "train":
+                entry["directory"] = directories[pair]
+            lines.append(entry)
+            if pair not in records:
+                folder = root / NLVR2_IMAGE_FOLDERS[split]
+                if split == "train":
+                    folder = folder / str(directories[pair])
+                image = write_noise_image(folder / f"{pair}-img0.png", seed)
+                image_2 = write_noise_image(
+                    folder / f"{pair}-img1.png", seed + 1, size=(24, 36)
+                )
+                seed += 2
+                records[pair] = ExpectedRecord(
+                    pair, image, [], [], {"labels": [], "image_2": image_2}
+                )
+            records[pair].texts.append(sentence.strip())
+            records[pair].text_ids.append(identifier)
+            records[pair].extra["labels"].append(label_class)
+        if faults and split == "train":
+            lines += _write_nlvr2_faults(root)
+            skips["train"] = [
+                ("train-600-0", "missing"),
+                ("train-601-2", "corrupt"),
+                ("train-602-0", "corrupt"),
+                ("train-10171-0-2", "label"),
+                ("train-52-1-0", "duplicate"),
+                ("train.json:", "invalid"),
+            ]
+        _write_json_lines(root / "nlvr2" / "data" / f"{split}.json", lines)
+        expected[split] = list(records.values())
+    return TaskSource(root, expected, skips)
+
+
+def _write_nlvr2_faults(root: Path) -> list[dict | str]:
+    """Write the faulty train pairs' images and return their annotation lines."""
+    folder = root / "images" / "train" / "5"
+    # A pair with its first image only.
+    write_noise_image(folder / "train-600-0-img0.png", 100)
+    # A pair whose first image does not decode.
+    write_garbage_image(folder / "train-601-2-img0.png")
+    write_noise_image(folder / "train-601-2-img1.png", 101)
+    # A pair whose second image does not decode.
+    write_noise_image(folder / "train-602-0-img0.png", 102)
+    write_garbage_image(folder / "train-602-0-img1.png")
+
+    lines: list[dict | str] = [
+        {"identifier": f"{pair}-0", "sentence": text, "label": "True", "directory": 5}
+        for pair, text in (
+            ("train-600-0", "Only one image exists."),
+            ("train-601-2", "The first image is broken."),
+            ("train-602-0", "The second image is broken."),
+        )
+    ]
+    lines += [
+        {
+            "identifier": "train-10171-0-2",
+            "sentence": "This label is neither true nor false.",
+            "label": "Maybe",
+            "directory": 3,
+        },
+        {
+            "identifier": "train-52-1-0",
+            "sentence": "A second line with a used identifier.",
+            "label": "True",
+            "directory": 7,
+        },
+        '{"identifier": "train-603-0-0", "sentence": ',
+    ]
+    return lines
+
+
+# (Flickr30K id, pairID, hypothesis, gold label, class a build must store).
+# SNLI-VE classes follow the original BridgeTower: contradiction 0, neutral 1,
+# entailment 2.
+SNLI_VE_HYPOTHESES = {
+    "train": [
+        ("1000092795", "1000092795.jpg#0r1e", "Two men are outside.", "entailment", 2),
+        (
+            "10002456",
+            "10002456.jpg#2r1c",
+            "Nobody is at the market.",
+            "contradiction",
+            0,
+        ),
+        (
+            "1000092795",
+            "1000092795.jpg#0r1n",
+            "  The men are brothers.\n",
+            "neutral",
+            1,
+        ),
+        ("10002456", "10002456.jpg#2r1e", "People are at a market.", "entailment", 2),
+        (
+            "1000092795",
+            "1000092795.jpg#0r1c",
+            "The men are asleep.",
+            "contradiction",
+            0,
+        ),
+    ],
+    "dev": [
+        (
+            "1000344755",
+            "1000344755.jpg#1r1n",
+            "A man is fixing a window.",
+            "neutral",
+            1,
+        ),
+        (
+            "1000344755",
+            "1000344755.jpg#1r1c",
+            "A woman is swimming.",
+            "contradiction",
+            0,
+        ),
+    ],
+    "test": [
+        ("1001545525", "1001545525.jpg#0r1e", "A dog is running.", "entailment", 2),
+    ],
+}
+
+
+def write_snli_ve_fixture(
+    root: Path,
+    *,
+    faults: bool = True,
+    extra_images: int = 0,
+    image_folder: str = "flickr30k_images",
+) -> TaskSource:
+    """Write SNLI-VE annotations and Flickr30K images under root.
+
+    The annotations go to `root/snli_ve_{train,dev,test}.jsonl`, and each
+    image, a random JPEG, to `root/{image_folder}/{Flickr30K_ID}.jpg`.
+
+    Args:
+      root: the source folder to create.
+      faults: also write train lines and files a build must skip: a
+        hypothesis with gold label "-", one with the unknown label "maybe", one
+        whose image is missing and one whose image does not decode.
+      extra_images: clean train images to add after the listed ones, each
+        with three hypotheses labelled contradiction, neutral and entailment.
+      image_folder: the image folder, relative to root.
+    """
+    images = root / image_folder
+    expected: Expected = {}
+    skips: dict[str, list[tuple[str, str]]] = {}
+    seed = 500
+    for split, hypotheses in SNLI_VE_HYPOTHESES.items():
+        rows = list(hypotheses)
+        if split == "train":
+            for number in range(extra_images):
+                image_id = f"2000{number:04d}"
+                for letter, gold, label_class in (
+                    ("c", "contradiction", 0),
+                    ("n", "neutral", 1),
+                    ("e", "entailment", 2),
+                ):
+                    rows.append(
+                        (
+                            image_id,
+                            f"{image_id}.jpg#0r1{letter}",
+                            f"Extra image {number} hypothesis {letter}.",
+                            gold,
+                            label_class,
+                        )
+                    )
+        lines: list[dict | str] = []
+        records: dict[str, ExpectedRecord] = {}
+        for image_id, pair_id, hypothesis, gold, label_class in rows:
+            lines.append(_snli_ve_line(image_id, pair_id, hypothesis, gold))
+            if image_id not in records:
+                data = write_noise_image(
+                    images / f"{image_id}.jpg", seed, size=(36, 30), format="JPEG"
+                )
+                seed += 1
+                records[image_id] = ExpectedRecord(
+                    image_id, data, [], [], {"labels": []}
+                )
+            records[image_id].texts.append(hypothesis.strip())
+            records[image_id].text_ids.append(pair_id)
+            records[image_id].extra["labels"].append(label_class)
+        if faults and split == "train":
+            write_garbage_image(images / "1000268201.jpg")
+            lines += [
+                _snli_ve_line(
+                    "1000092795", "1000092795.jpg#1r1n", "Two men talk.", "-"
+                ),
+                _snli_ve_line("10002456", "10002456.jpg#3r1m", "People shop.", "maybe"),
+                _snli_ve_line("99999", "99999.jpg#0r1e", "A missing photo.", "neutral"),
+                _snli_ve_line(
+                    "1000268201", "1000268201.jpg#0r1e", "A broken photo.", "neutral"
+                ),
+            ]
+            skips["train"] = [
+                ("1000092795.jpg#1r1n", "gold label"),
+                ("10002456.jpg#3r1m", "label"),
+                ("99999", "missing"),
+                ("1000268201", "corrupt"),
+            ]
+        _write_json_lines(root / f"snli_ve_{split}.jsonl", lines)
+        expected[split] = list(records.values())
+    return TaskSource(root, expected, skips)
+
+
+def _snli_ve_line(image_id: str, pair_id: str, hypothesis: str, gold: str) -> dict:
+    return {
+        "Flickr30K_ID": image_id,
+        "annotator_labels": [gold],
+        "captionID": pair_id.split("r")[0],
+        "gold_label": gold,
+        "pairID": pair_id,
+        "sentence1": "A premise caption of the image.",
+        "sentence2": hypothesis,
+    }

@@ -7,9 +7,12 @@ Build once with `python -m bt_jax.data build FORMAT SOURCE --out DIR` (or
 from bt_jax.data.build import build_dataset, dataset_statistics
 from bt_jax.data.builders import (
     BUILDERS,
+    TASKS,
     BtCocoCaptions,
     BtImageText,
     BtKarpathyCaptions,
+    BtNlvr2,
+    BtSnliVe,
     BtVqaV2,
 )
 from bt_jax.data.pipeline import (
@@ -24,9 +27,12 @@ from bt_jax.data.vqa import build_answer_vocab, normalize_answer
 
 __all__ = [
     "BUILDERS",
+    "TASKS",
     "BtCocoCaptions",
     "BtImageText",
     "BtKarpathyCaptions",
+    "BtNlvr2",
+    "BtSnliVe",
     "BtVqaV2",
     "Fields",
     "Invalid",

@@ -12,6 +12,10 @@ Formats and the source layouts they read:
   jsonl     SPLIT.jsonl files of {"image": path, "caption": text} lines
   vqa       v2_OpenEnded_mscoco_{split}2014_questions.json,
             v2_mscoco_{split}2014_annotations.json + {split}2014/ images
+  nlvr2     nlvr2/data/{train,dev,test1}.json + images/train/{directory}/,
+            dev/ and test1/ (or images/dev/, images/test1/) image pairs
+  snli-ve   snli_ve_{train,dev,test}.jsonl + flickr30k_images/ (or
+            Flickr30K/flickr30k_images/, flickr30k-images/, images/)
 """
 
 from __future__ import annotations

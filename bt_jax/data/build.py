@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -43,7 +44,7 @@ def build_dataset(
     written, so a failed build leaves no partial dataset behind.
 
     Args:
-      format: one of "coco", "karpathy", "jsonl", "vqa".
+      format: one of "coco", "karpathy", "jsonl", "vqa", "nlvr2", "snli-ve".
       source: the folder with the files in that format's official layout.
       out: TFDS data folder; the dataset goes to `out/NAME/VERSION`.
       overwrite: replace a dataset already built there.
@@ -192,6 +193,7 @@ def dataset_statistics(
         "dataset": info.name,
         "path": str(directory),
         "format": metadata.get("format"),
+        "task": None,
         "length_unit": "tokens" if tokenizer is not None else "words",
         "max_text_length": max_text_length,
         "splits": {},
@@ -201,6 +203,8 @@ def dataset_statistics(
     lengths_by_split = {}
     for split in sorted(info.splits, key=_split_order):
         records = open_records(directory, split)
+        result["task"] = records.task
+        label_counts = collections.Counter()
         texts_per_image, texts = [], []
         for index in tqdm.trange(
             len(records), desc=f"read {split}", unit="image", disable=not progress
@@ -208,6 +212,7 @@ def dataset_statistics(
             record = records[index]
             texts_per_image.append(len(record["texts"]))
             texts.extend(record["texts"])
+            label_counts.update(int(label) for label in record.get("labels", []))
         lengths = _text_lengths(texts, tokenizer)
         lengths_by_split[split] = lengths
         split_stats = {
@@ -221,6 +226,11 @@ def dataset_statistics(
             "text_length": _percentiles(lengths),
             "skipped": metadata.get("skipped", {}).get(split, {}),
         }
+        if records.label_names is not None:
+            split_stats["labels"] = {
+                name: label_counts[label]
+                for label, name in enumerate(records.label_names)
+            }
         if max_text_length is not None and lengths:
             split_stats["truncated_share"] = float(
                 np.mean(np.asarray(lengths) > max_text_length)
@@ -304,6 +314,9 @@ def format_statistics(stats: dict[str, Any]) -> str:
             f"{split:<10} {row['images']:>8} {row['texts']:>8} {per_image:>14} "
             f"{length_text:>24}  {skipped}"
         )
+        if "labels" in row:
+            shares = ", ".join(f"{k}: {v}" for k, v in row["labels"].items())
+            lines.append(f"{'':<10} labels {shares}")
         if "truncated_share" in row:
             lines.append(
                 f"{'':<10} {row['truncated_share']:.1%} of texts longer than "

@@ -2,8 +2,9 @@
 
 Each builder reads a source folder (TFDS's manual directory) in one official
 layout, checks every image by decoding it, and writes one record per image with
-all of that image's texts. The image is stored as the source file's encoded
-bytes, unchanged. bt-jax decodes it with `bt_jax.processing.load_image`, so
+all of that image's texts (for NLVR2, one record per image pair, the second
+image in `image_2`). Images are stored as the source files' encoded bytes,
+unchanged. bt-jax decodes them with `bt_jax.processing.load_image`, so
 training gets the same pixels as inference on the original file. Neither
 building nor reading needs TensorFlow.
 
@@ -14,7 +15,7 @@ stored in the dataset's `metadata.json`, which lets a pipeline enumerate every
 counted and listed there too.
 
 Registered names: `bt_coco_captions`, `bt_karpathy_captions`,
-`bt_image_text` (JSON Lines) and `bt_vqa_v2`.
+`bt_image_text` (JSON Lines), `bt_vqa_v2`, `bt_nlvr2` and `bt_snli_ve`.
 """
 
 from __future__ import annotations
@@ -40,24 +41,49 @@ logger = logging.getLogger(__name__)
 # in chunks of this many, so memory stays bounded on large splits.
 _CHUNK_SIZE = 256
 METADATA_KEY = "bt_jax"
+# Tasks a dataset can be for, stored as metadata "task": "captions" (image-text
+# pairs, for the pretraining objectives and retrieval) or a fine-tuning task.
+TASKS = ("captions", "vqa", "nlvr2", "snli-ve")
 
 
-def _read_image(path: Path, verify: bool) -> tuple[bytes | None, str | None]:
-    """Return `(encoded bytes, None)`, or `(None, reason)` when unusable."""
+# Named in the skip reasons of an NLVR2 pair's second image.
+_SECOND_IMAGE = "second image of the pair, "
+
+
+def _read_image(
+    path: Path, verify: bool, role: str = ""
+) -> tuple[bytes | None, str | None]:
+    """Return `(encoded bytes, None)`, or `(None, reason)` when unusable.
+
+    `role` goes before the path in the reason, to say which image failed.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return None, f"missing image: {path}"
+        return None, f"missing image: {role}{path}"
     except OSError as err:
-        return None, f"unreadable image: {path}: {err.strerror or err}"
+        return None, f"unreadable image: {role}{path}: {err.strerror or err}"
     if not data:
-        return None, f"corrupt image: {path} is empty"
+        return None, f"corrupt image: {role}{path} is empty"
     if verify:
         try:
             load_image(data)
         except ImageFileError as err:
-            return None, f"corrupt image: {path}: {err}"
+            return None, f"corrupt image: {role}{path}: {err}"
     return data, None
+
+
+def _read_record_images(
+    record: sources.SourceRecord, verify: bool
+) -> tuple[list[bytes] | None, str | None]:
+    """Return the encoded bytes of each of the record's images, or a reason."""
+    images = []
+    for number, path in enumerate(record.image_paths):
+        data, reason = _read_image(path, verify, _SECOND_IMAGE if number else "")
+        if reason is not None:
+            return None, reason
+        images.append(data)
+    return images, None
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
@@ -66,6 +92,7 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
     FORMAT: ClassVar[str]
+    TASK: ClassVar[str] = "captions"
     DESCRIPTION: ClassVar[str]
 
     def __init__(
@@ -129,6 +156,7 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
         metadata = self.info.metadata
         metadata[METADATA_KEY] = {
             "format": self.FORMAT,
+            "task": self.TASK,
             "source": str(root),
             "texts_per_record": {},
             "skipped": {},
@@ -141,11 +169,13 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
             # missing is left out, because TFDS cannot write an empty split.
             present = []
             for record in records:
-                if record.image_path.is_file():
+                missing = [p for p in record.image_paths if not p.is_file()]
+                if not missing:
                     present.append(record)
                 else:
+                    role = "" if missing[0] == record.image_path else _SECOND_IMAGE
                     self.skips.add(
-                        split, record.id, f"missing image: {record.image_path}"
+                        split, record.id, f"missing image: {role}{missing[0]}"
                     )
             if present:
                 generators[split] = self._generate_examples(split, present)
@@ -178,17 +208,17 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
             for start in range(0, len(records), _CHUNK_SIZE):
                 chunk = records[start : start + _CHUNK_SIZE]
                 results = pool.map(
-                    lambda record: _read_image(record.image_path, self.verify_images),
+                    lambda record: _read_record_images(record, self.verify_images),
                     chunk,
                 )
-                for record, (data, reason) in zip(chunk, results, strict=True):
+                for record, (images, reason) in zip(chunk, results, strict=True):
                     progress.update()
                     if reason is not None:
                         self.skips.add(split, record.id, reason)
                         continue
                     # Keys are consecutive integers, and with shuffling disabled
                     # TFDS writes them in key order: record i is counts[i].
-                    yield len(counts), self._example(record, data)
+                    yield len(counts), self._example(record, images)
                     counts.append(len(record.texts))
         metadata = self.info.metadata[METADATA_KEY]
         metadata["texts_per_record"][split] = counts
@@ -209,15 +239,21 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
             metadata["skipped"][split] = self.skips.counts(split)
             metadata["skipped_ids"][split] = [[e.id, e.reason] for e in entries]
 
-    def _example(self, record: sources.SourceRecord, data: bytes) -> dict[str, Any]:
-        return {
-            "image": data,
+    def _example(
+        self, record: sources.SourceRecord, images: list[bytes]
+    ) -> dict[str, Any]:
+        example = {
+            "image": images[0],
             "image/id": record.id,
             "image/filename": record.image_path.name,
             "texts": record.texts,
             "text_ids": record.text_ids,
             **record.extra,
         }
+        if record.image_path_2 is not None:
+            example["image_2"] = images[1]
+            example["image_2/filename"] = record.image_path_2.name
+        return example
 
 
 class BtCocoCaptions(_LocalBuilder):
@@ -273,6 +309,7 @@ class BtVqaV2(_LocalBuilder):
     """VQA v2 questions with the answer vocabulary and soft scores."""
 
     FORMAT = "vqa"
+    TASK = "vqa"
     DESCRIPTION = (
         "VQA v2 with one record per image: its questions, the soft scores over "
         "the answer vocabulary, and the raw human answers."
@@ -332,7 +369,83 @@ class BtVqaV2(_LocalBuilder):
         return sources.read_vqa(root, self.answer_vocab, self.skips)
 
 
+class BtNlvr2(_LocalBuilder):
+    """NLVR2 sentences about image pairs, each labelled true or false."""
+
+    FORMAT = "nlvr2"
+    TASK = "nlvr2"
+    DESCRIPTION = (
+        "NLVR2 with one record per image pair: both images, their sentences and "
+        "one label per sentence (1 for True, 0 for False)."
+    )
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """
+    Place the annotation files of github.com/lil-lab/nlvr as nlvr2/data/train.json,
+    dev.json and test1.json (data/ or the manual directory itself also work),
+    and the images as the NLVR2 download unpacks them:
+    images/train/{directory}/train-10171-0-img0.png (the line's `directory`),
+    dev/dev-0-0-img0.png and test1/test1-0-0-img0.png. The dev and test1
+    folders may also sit under images/, and train images directly in
+    images/train/. Each split's images are found by the sentence identifier
+    without its last "-N" part, plus "-img0.png" and "-img1.png".
+    """
+
+    def _extra_features(self):
+        return {
+            # The pair's second image, encoded bytes as for `image`.
+            "image_2": tfds.features.Image(),
+            "image_2/filename": tfds.features.Text(),
+            "labels": tfds.features.Sequence(np.int32),
+        }
+
+    def _extra_metadata(self):
+        return {
+            "label_names": sorted(sources.NLVR2_LABELS, key=sources.NLVR2_LABELS.get)
+        }
+
+    def _read_source(self, root):
+        return sources.read_nlvr2(root, self.skips)
+
+
+class BtSnliVe(_LocalBuilder):
+    """SNLI-VE hypotheses about Flickr30K images, each with a gold label."""
+
+    FORMAT = "snli-ve"
+    TASK = "snli-ve"
+    DESCRIPTION = (
+        "SNLI-VE with one record per Flickr30K image: its hypotheses and one "
+        "label per hypothesis (0 contradiction, 1 neutral, 2 entailment)."
+    )
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """
+    Place snli_ve_train.jsonl, snli_ve_dev.jsonl and snli_ve_test.jsonl, as
+    github.com/necla-ml/SNLI-VE writes them, in the manual directory (or in
+    its snli_ve/ or data/ folder), and the Flickr30K images as
+    {Flickr30K_ID}.jpg in one of flickr30k_images/,
+    flickr30k_images/flickr30k_images/, Flickr30K/flickr30k_images/,
+    flickr30k-images/ or images/. Lines with gold label "-" are skipped.
+    """
+
+    def _extra_features(self):
+        return {"labels": tfds.features.Sequence(np.int32)}
+
+    def _extra_metadata(self):
+        return {
+            "label_names": sorted(
+                sources.SNLI_VE_LABELS, key=sources.SNLI_VE_LABELS.get
+            )
+        }
+
+    def _read_source(self, root):
+        return sources.read_snli_ve(root, self.skips)
+
+
 BUILDERS: dict[str, type[_LocalBuilder]] = {
     builder.FORMAT: builder
-    for builder in (BtCocoCaptions, BtKarpathyCaptions, BtImageText, BtVqaV2)
+    for builder in (
+        BtCocoCaptions,
+        BtKarpathyCaptions,
+        BtImageText,
+        BtVqaV2,
+        BtNlvr2,
+        BtSnliVe,
+    )
 }

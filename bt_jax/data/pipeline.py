@@ -31,7 +31,7 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from bt_jax.data.reading import Records
+from bt_jax.data.reading import SECOND_IMAGE_FIELD, Records
 from bt_jax.data.vqa import dense_targets
 from bt_jax.losses import IGNORE_INDEX
 from bt_jax.processing import (
@@ -182,6 +182,7 @@ class _ExampleTransform:
         self.mask_token_id = processor.mask_token_id if config.mlm_probability else 0
         self.vocab_size = len(self.tokenizer)
         self.answer_vocab = records.answer_vocab
+        self.task = records.task
 
     def __call__(self, pair: tuple[int, int], rng: np.random.Generator):
         record_index, text_index = pair
@@ -202,12 +203,33 @@ class _ExampleTransform:
             pixels = self.image_processor.process_one(load_image(record["image"]))
         except (ImageFileError, ValueError, OSError) as err:
             return Invalid(record["id"], f"corrupt image: {err}")
-        example = {
-            "pixel_values": pixels,
-            "record_index": np.int64(record_index),
-            "text_index": np.int32(text_index),
+        example = {"pixel_values": pixels}
+        if self.task == "nlvr2":
+            second = record.get(SECOND_IMAGE_FIELD)
+            if second is None or not len(second):
+                return Invalid(
+                    record["id"], "missing image: the record has no second image"
+                )
+            try:
+                example["pixel_values_2"] = self.image_processor.process_one(
+                    load_image(second)
+                )
+            except (ImageFileError, ValueError, OSError) as err:
+                return Invalid(record["id"], f"corrupt image: second image: {err}")
+        if self.task in ("nlvr2", "snli-ve"):
+            labels = record.get("labels")
+            if labels is None or len(labels) != len(texts):
+                count = "no" if labels is None else len(labels)
+                return Invalid(
+                    record["id"],
+                    f"invalid record: {count} labels for {len(texts)} texts",
+                )
+            example["labels"] = np.int32(labels[text_index])
+        example.update(
+            record_index=np.int64(record_index),
+            text_index=np.int32(text_index),
             **self._tokenize(text, rng),
-        }
+        )
         if self.answer_vocab is not None and "answer_counts" in record:
             example.update(self._vqa_targets(record, text_index))
         return example
@@ -252,15 +274,24 @@ class _ExampleTransform:
 def _stack(
     examples: Sequence[dict[str, Any]], pad_images: bool
 ) -> dict[str, np.ndarray]:
+    image_keys = [
+        key for key in ("pixel_values", "pixel_values_2") if key in examples[0]
+    ]
     batch = {
         key: np.stack([example[key] for example in examples])
         for key in examples[0]
-        if key != "pixel_values" or not pad_images
+        if key not in image_keys or not pad_images
     }
     if pad_images:
         # Without a center crop, images differ in size: pad like the processor,
-        # which adds pixel_mask.
-        batch.update(pad_batch([example["pixel_values"] for example in examples]))
+        # which adds pixel_mask. An NLVR2 pair's two images are padded to one
+        # size, so pixel_values and pixel_values_2 have the same shape.
+        padded = pad_batch([example[key] for key in image_keys for example in examples])
+        for number, key in enumerate(image_keys):
+            rows = slice(number * len(examples), (number + 1) * len(examples))
+            suffix = key.removeprefix("pixel_values")
+            batch[key] = padded["pixel_values"][rows]
+            batch[f"pixel_mask{suffix}"] = padded["pixel_mask"][rows]
     return batch
 
 
@@ -465,7 +496,11 @@ def make_pipeline(
       arrays: `pixel_values` (B, H, W, 3) float32 (and `pixel_mask` (B, H, W)
       when images are not center-cropped and get padded), `input_ids` and `attention_mask` (B, T) int32, `mlm_input_ids` and
       `mlm_labels` (B, T) when MLM is on, `record_index` and `text_index` (B,),
-      and for VQA `question_id` (B,) and `vqa_targets` (B, answers) float32.
+      for VQA `question_id` (B,) and `vqa_targets` (B, answers) float32, for
+      NLVR2 and SNLI-VE `labels` (B,) int32, the class of each text, and for
+      NLVR2 `pixel_values_2`, the pair's second image processed like the first
+      (and `pixel_mask_2` when padded). `records.task` names the task, and so
+      which of these a split gives.
     """
     if shard_index is None or shard_count is None:
         shard_index, shard_count = _default_shard()

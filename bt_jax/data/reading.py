@@ -2,9 +2,11 @@
 
 `open_records(dataset, split)` returns a `Records` sequence whose items are
 plain dicts in one layout whatever the dataset: `image` (encoded bytes, not
-decoded), `id`, `texts` and `text_ids` (lists of str), plus the VQA fields when
-present. bt-jax's own builders and TFDS's `coco_captions` are recognised;
-other datasets name their fields through `Fields`.
+decoded), `id`, `texts` and `text_ids` (lists of str), plus the VQA fields,
+the class `labels` (NLVR2, SNLI-VE) and the second image `image_2` (NLVR2)
+when present. `Records.task` names the task a split is for. bt-jax's own
+builders and TFDS's `coco_captions` are recognised; other datasets name their
+fields through `Fields`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from bt_jax.data.builders import METADATA_KEY
+from bt_jax.data.builders import BUILDERS, METADATA_KEY, TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,12 @@ _VQA_FIELDS = (
     "answers_per_question",
     "answers",
 )
+# One class label per text (NLVR2, SNLI-VE).
+_LABEL_FIELD = "labels"
+# The second image of an NLVR2 pair, left encoded like the first.
+SECOND_IMAGE_FIELD = "image_2"
+# Task of datasets built before the metadata stored it, by their format.
+_TASK_BY_FORMAT = {format: builder.TASK for format, builder in BUILDERS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +207,26 @@ class Records(Sequence):
         self.metadata = metadata
         self.split = split
         self.answer_vocab: list[str] | None = metadata.get("answer_vocab")
+        # Class names in label order (NLVR2, SNLI-VE); None for other tasks.
+        self.label_names: list[str] | None = metadata.get("label_names")
+
+    @property
+    def task(self) -> str:
+        """The task the split is for: one of "captions", "vqa", "nlvr2", "snli-ve".
+
+        Read from bt-jax's metadata. Datasets without it, such as TFDS's
+        `coco_captions`, are image-text pairs: "captions".
+        """
+        task = self.metadata.get("task") or _TASK_BY_FORMAT.get(
+            self.metadata.get("format"), "captions"
+        )
+        if task not in TASKS:
+            raise ValueError(
+                f"the dataset's metadata names an unknown task {task!r}; bt-jax "
+                f"knows {', '.join(TASKS)}. Rebuild it with `python -m "
+                "bt_jax.data build`."
+            )
+        return task
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -238,6 +266,10 @@ class Records(Sequence):
         for name in _VQA_FIELDS:
             if name in example:
                 record[name] = [_decode(value) for value in _as_list(example[name])]
+        if _LABEL_FIELD in example:
+            record[_LABEL_FIELD] = [int(v) for v in _as_list(example[_LABEL_FIELD])]
+        if SECOND_IMAGE_FIELD in example:
+            record[SECOND_IMAGE_FIELD] = example[SECOND_IMAGE_FIELD]
         return record
 
     def texts_per_record(self, progress: bool = True) -> list[int]:
@@ -291,6 +323,8 @@ def open_records(
         )
     fields = fields or detect_fields(builder.info.features)
     decoders = {fields.image.split("/")[0]: tfds.decode.SkipDecoding()}
+    if SECOND_IMAGE_FIELD in builder.info.features:
+        decoders[SECOND_IMAGE_FIELD] = tfds.decode.SkipDecoding()
     try:
         parts = [builder.as_data_source(name, decoders=decoders) for name in names]
     except NotImplementedError as err:

@@ -13,6 +13,10 @@ Layouts:
   JSON Lines      *.jsonl with one {"image": path, "caption": text} per line
   VQA v2          v2_OpenEnded_mscoco_{split}{year}_questions.json,
                   v2_mscoco_{split}{year}_annotations.json + {split}{year}/
+  NLVR2           nlvr2/data/{train,dev,test1}.json + images/train/{directory}/,
+                  dev/ and test1/ (or images/dev/, images/test1/)
+  SNLI-VE         snli_ve_{train,dev,test}.jsonl + flickr30k_images/ (or
+                  Flickr30K/flickr30k_images/, flickr30k-images/, images/)
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ class SourceRecord:
     text_ids: list[str]
     # Format-specific features, already in their stored form (VQA answers).
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The second image of an NLVR2 pair; None for one-image formats.
+    image_path_2: Path | None = None
+
+    @property
+    def image_paths(self) -> list[Path]:
+        """The record's image files: one, or two for an NLVR2 pair."""
+        paths = [self.image_path]
+        if self.image_path_2 is not None:
+            paths.append(self.image_path_2)
+        return paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,4 +593,279 @@ def read_vqa(
             extra["answers_per_question"].append(len(human_answers))
             extra["answers"] += human_answers
         splits[split] = list(records.values())
+    return splits
+
+
+def _read_json_lines(path: Path, split: str, skips: SkipLog):
+    """Yield `(line_id, object)` for each parsed line of a JSON Lines file."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            line_id = f"{path.name}:{number}"
+            entry = _read_jsonl_line(raw, line_id, split, skips)
+            if entry is None:
+                continue
+            if not isinstance(entry, dict):
+                skips.add(split, line_id, "invalid record: not a JSON object")
+                continue
+            yield line_id, entry
+
+
+def _add_labeled_text(
+    record: SourceRecord,
+    text: Any,
+    text_id: str,
+    label: int,
+    split: str,
+    skips: SkipLog,
+) -> None:
+    """Add a text with its class label to `extra["labels"]`, unless it is skipped."""
+    before = len(record.texts)
+    _add_text(record, text, text_id, split, skips)
+    if len(record.texts) > before:
+        record.extra["labels"].append(label)
+
+
+# ---------------------------------------------------------------------------
+# NLVR2: nlvr2/data/{split}.json (JSON Lines) + one image pair per identifier.
+
+NLVR2_SPLITS = ("train", "dev", "test1", "test2")
+# microsoft/BridgeTower `src/datasets/nlvr2_dataset.py` turns the label string
+# into the target `answers == "True"`, so "True" is class 1 and "False" class 0.
+NLVR2_LABELS = {"False": 0, "True": 1}
+# "train-10171-0-0": sentence 0 about the pair "train-10171-0", whose images
+# are "train-10171-0-img0.png" and "train-10171-0-img1.png".
+_NLVR2_IDENTIFIER = re.compile(r"(?P<pair>[\w-]+)-\d+")
+_FOLDER_NAME = re.compile(r"\w+")
+
+
+def find_nlvr2_files(root: Path) -> dict[str, Path]:
+    """Return the NLVR2 `{split}.json` files under root, by split."""
+    _require_dir(root)
+    found = {}
+    for folder in (root / "nlvr2" / "data", root / "data", root):
+        for split in NLVR2_SPLITS:
+            path = folder / f"{split}.json"
+            if path.is_file():
+                found.setdefault(split, path)
+    if not found:
+        raise FileNotFoundError(
+            f"no NLVR2 annotations in {root}: expected nlvr2/data/train.json (and "
+            "dev.json, test1.json) as in github.com/lil-lab/nlvr, beside the "
+            "images/train/, dev/ and test1/ image folders."
+        )
+    return found
+
+
+def _nlvr2_image_folder(
+    root: Path, split: str, directory: str | None, pair_id: str
+) -> Path:
+    """Return the folder with the pair's images, or the first place looked."""
+    folders = []
+    for base in (root / "images" / split, root / split):
+        if directory is not None:
+            folders.append(base / directory)
+        folders.append(base)
+    for folder in folders:
+        if (folder / f"{pair_id}-img0.png").is_file():
+            return folder
+    for folder in folders:
+        if (folder / f"{pair_id}-img1.png").is_file():
+            return folder
+    return folders[0]
+
+
+def _nlvr2_label(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        return NLVR2_LABELS.get(value.strip())
+    return None
+
+
+def read_nlvr2(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
+    """Read NLVR2 annotations: one record per image pair, all its sentences.
+
+    Each line of `{split}.json` is one sentence with its `identifier`,
+    `sentence`, `label` ("True" or "False", stored as 1 or 0 in
+    `extra["labels"]`) and, in train, the `directory` of the pair's images.
+    The records' `image_path` and `image_path_2` are the pair's `-img0.png`
+    and `-img1.png`.
+    """
+    splits = {}
+    for split, path in find_nlvr2_files(root).items():
+        records: dict[str, SourceRecord] = {}
+        seen: set[str] = set()
+        for line_id, entry in _read_json_lines(path, split, skips):
+            identifier = entry.get("identifier")
+            match = (
+                _NLVR2_IDENTIFIER.fullmatch(identifier)
+                if isinstance(identifier, str)
+                else None
+            )
+            if match is None:
+                skips.add(
+                    split,
+                    line_id,
+                    f"invalid record: identifier {identifier!r} is not like "
+                    "'train-10171-0-0'",
+                )
+                continue
+            if identifier in seen:
+                skips.add(split, f"{identifier} ({line_id})", "duplicate id")
+                continue
+            seen.add(identifier)
+            label = _nlvr2_label(entry.get("label"))
+            if label is None:
+                skips.add(
+                    split,
+                    identifier,
+                    f"invalid label: expected 'True' or 'False', got "
+                    f"{entry.get('label')!r}",
+                )
+                continue
+            pair_id = match["pair"]
+            record = records.get(pair_id)
+            if record is None:
+                directory = entry.get("directory")
+                directory = None if directory is None else str(directory)
+                if directory is not None and not _FOLDER_NAME.fullmatch(directory):
+                    skips.add(
+                        split,
+                        identifier,
+                        f"invalid record: directory {directory!r} is not a folder "
+                        "number",
+                    )
+                    continue
+                folder = _nlvr2_image_folder(root, split, directory, pair_id)
+                record = SourceRecord(
+                    pair_id,
+                    folder / f"{pair_id}-img0.png",
+                    [],
+                    [],
+                    {"labels": []},
+                    image_path_2=folder / f"{pair_id}-img1.png",
+                )
+                records[pair_id] = record
+            _add_labeled_text(
+                record, entry.get("sentence"), identifier, label, split, skips
+            )
+        splits[split] = _drop_textless(records.values(), split, skips)
+    return splits
+
+
+# ---------------------------------------------------------------------------
+# SNLI-VE: snli_ve_{split}.jsonl + Flickr30K images named {Flickr30K_ID}.jpg.
+
+_SNLI_VE_FILE = re.compile(r"snli_ve_(?P<split>\w+)\.jsonl")
+# microsoft/BridgeTower `src/utils/write_snli.py` numbers the gold labels with
+# label2id = {'contradiction': 0, 'neutral': 1, 'entailment': 2}; converted
+# original checkpoints predict classes in this order.
+SNLI_VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
+# SNLI marks a pair whose annotators reached no majority with gold label "-".
+SNLI_VE_NO_CONSENSUS = "-"
+SNLI_VE_IMAGE_FOLDERS = (
+    "flickr30k_images",
+    "flickr30k_images/flickr30k_images",
+    "Flickr30K/flickr30k_images",
+    "flickr30k-images",
+    "images",
+)
+_FLICKR30K_ID = re.compile(r"[\w-]+")
+
+
+def find_snli_ve_files(root: Path) -> dict[str, Path]:
+    """Return the `snli_ve_{split}.jsonl` files under root, by split."""
+    _require_dir(root)
+    found = {}
+    for folder in (root, root / "snli_ve", root / "data"):
+        for path in sorted(folder.glob("snli_ve_*.jsonl")):
+            match = _SNLI_VE_FILE.fullmatch(path.name)
+            if match and path.is_file():
+                found.setdefault(match["split"], path)
+    if not found:
+        raise FileNotFoundError(
+            f"no SNLI-VE annotations in {root}: expected snli_ve_train.jsonl (and "
+            "snli_ve_dev.jsonl, snli_ve_test.jsonl) as github.com/necla-ml/SNLI-VE "
+            "writes them, beside a flickr30k_images/ folder of Flickr30K images."
+        )
+    return found
+
+
+def find_flickr30k_folders(root: Path) -> list[Path]:
+    """Return the Flickr30K image folders under root, in the order searched."""
+    folders = [root / name for name in SNLI_VE_IMAGE_FOLDERS]
+    present = [folder for folder in folders if folder.is_dir()]
+    if not present:
+        raise FileNotFoundError(
+            f"no Flickr30K image folder in {root}: expected the images as "
+            f"{{Flickr30K_ID}}.jpg in one of {', '.join(SNLI_VE_IMAGE_FOLDERS)}."
+        )
+    return present
+
+
+def _flickr30k_image(folders: list[Path], image_id: str) -> Path:
+    for folder in folders:
+        path = folder / f"{image_id}.jpg"
+        if path.is_file():
+            return path
+    # Missing: the builder reports the first folder's path.
+    return folders[0] / f"{image_id}.jpg"
+
+
+def read_snli_ve(root: Path, skips: SkipLog) -> dict[str, list[SourceRecord]]:
+    """Read SNLI-VE: one record per Flickr30K image, all its hypotheses.
+
+    The texts are the hypotheses (`sentence2`), their ids the `pairID`s, and
+    `extra["labels"]` has each one's gold label as a `SNLI_VE_LABELS` class.
+    Pairs with gold label "-" (no majority among the annotators) are skipped.
+    """
+    folders = find_flickr30k_folders(root)
+    splits = {}
+    for split, path in find_snli_ve_files(root).items():
+        records: dict[str, SourceRecord] = {}
+        seen: set[str] = set()
+        for line_id, entry in _read_json_lines(path, split, skips):
+            text_id = str(entry.get("pairID", line_id))
+            if text_id in seen:
+                skips.add(split, f"{text_id} ({line_id})", "duplicate id")
+                continue
+            seen.add(text_id)
+            image_id = entry.get("Flickr30K_ID")
+            image_id = str(image_id) if isinstance(image_id, (str, int)) else None
+            if image_id is None or not _FLICKR30K_ID.fullmatch(image_id):
+                skips.add(
+                    split,
+                    text_id,
+                    f"invalid record: Flickr30K_ID {entry.get('Flickr30K_ID')!r}",
+                )
+                continue
+            gold_label = entry.get("gold_label")
+            if gold_label == SNLI_VE_NO_CONSENSUS:
+                skips.add(split, text_id, "no gold label: the annotators did not agree")
+                continue
+            label = (
+                SNLI_VE_LABELS.get(gold_label) if isinstance(gold_label, str) else None
+            )
+            if label is None:
+                skips.add(
+                    split,
+                    text_id,
+                    f"invalid label: expected one of {sorted(SNLI_VE_LABELS)}, "
+                    f"got {gold_label!r}",
+                )
+                continue
+            record = records.get(image_id)
+            if record is None:
+                record = SourceRecord(
+                    image_id,
+                    _flickr30k_image(folders, image_id),
+                    [],
+                    [],
+                    {"labels": []},
+                )
+                records[image_id] = record
+            _add_labeled_text(
+                record, entry.get("sentence2"), text_id, label, split, skips
+            )
+        splits[split] = _drop_textless(records.values(), split, skips)
     return splits
