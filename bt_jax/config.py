@@ -31,7 +31,15 @@ HEAD_ARCHITECTURES = {
     "mlm": "BridgeTowerForMaskedLM",
     "itm": "BridgeTowerForImageAndTextRetrieval",
     "itc": "BridgeTowerForContrastiveLearning",
+    # Fine-tuning heads of the original repository; transformers has no class
+    # for them, so these names are bt-jax's own.
+    "vqa": "BridgeTowerForVisualQuestionAnswering",
+    "nlvr2": "BridgeTowerForNLVR2",
+    "snli-ve": "BridgeTowerForVisualEntailment",
 }
+# Heads that classify a pooled pair into `id2label`'s classes.
+TASK_HEADS = ("vqa", "nlvr2", "snli-ve")
+TASK_HEAD_OUTPUTS = {"nlvr2": 2, "snli-ve": 3}
 
 # Key names used by pre-release hub configs, mapped to the names transformers
 # uses now. A legacy key is only read when the current key is absent.
@@ -86,6 +94,30 @@ def _check_field_types(config: Any, where: str) -> None:
                 f"{where}.{field.name}={value!r} is a {type(value).__name__}, but it must "
                 f"be a JSON {expected.removesuffix(' | None')}."
             )
+
+
+def _label_table(value: Any) -> dict[int, str]:
+    """Return `id2label` with int keys 0..n-1; JSON gives string keys."""
+    if isinstance(value, (list, tuple)):
+        value = dict(enumerate(value))
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(
+            f"id2label={value!r} must be a non-empty mapping from class index to "
+            'label, such as {"0": "no", "1": "yes"}.'
+        )
+    try:
+        table = {int(index): str(label) for index, label in value.items()}
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"id2label has a key that is not an integer: {sorted(value)[:5]!r}; "
+            "use class indices 0..n-1 as keys."
+        ) from None
+    if sorted(table) != list(range(len(table))):
+        raise ValueError(
+            f"id2label keys must be 0..{len(table) - 1} without gaps; got "
+            f"{sorted(table)[:10]!r}."
+        )
+    return dict(sorted(table.items()))
 
 
 def _check_positive(where: str, **sizes: Any) -> None:
@@ -332,12 +364,37 @@ class BridgeTowerConfig:
     contrastive_hidden_size: int | None = None
     logit_scale_init_value: float | None = None
     architectures: tuple[str, ...] | None = None
+    # Fine-tuning heads (VQA, NLVR2, SNLI-VE); see `bt_jax.modeling.tasks`.
+    id2label: dict[int, str] | None = None
+    task_head_layers: int = 2
+    head_hidden_scale: float = 2.0
+    head_dropout: float = 0.0
+    num_token_types: int = 2
     extra: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if self.architectures is not None:
             object.__setattr__(self, "architectures", tuple(self.architectures))
+        if self.id2label is not None:
+            object.__setattr__(self, "id2label", _label_table(self.id2label))
         _check_field_types(self, "config")
+        if self.task_head_layers not in (1, 2):
+            raise ValueError(
+                f"task_head_layers={self.task_head_layers} is not supported; use 1 "
+                "(one linear layer) or 2 (linear, LayerNorm, GELU, linear)."
+            )
+        if self.head_hidden_scale <= 0:
+            raise ValueError(
+                f"head_hidden_scale={self.head_hidden_scale} must be positive "
+                "(2 for VQA and SNLI-VE, 1.5 for NLVR2 in the reference recipes)."
+            )
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"head_dropout={self.head_dropout} must be in [0, 1).")
+        if self.num_token_types not in (2, 3):
+            raise ValueError(
+                f"num_token_types={self.num_token_types} is not supported; use 2 "
+                "(text and image), or 3 for NLVR2's second image."
+            )
         text, vision = self.text_config, self.vision_config
         if self.link_tower_type not in LINK_TOWER_TYPES:
             raise ValueError(
@@ -380,6 +437,11 @@ class BridgeTowerConfig:
             raise ValueError(
                 f"contrastive_hidden_size={self.contrastive_hidden_size} must be positive."
             )
+
+    @property
+    def num_labels(self) -> int | None:
+        """Classes of a fine-tuning head: the length of `id2label`, or None."""
+        return None if self.id2label is None else len(self.id2label)
 
     @property
     def num_link_towers(self) -> int:
@@ -466,11 +528,15 @@ class BridgeTowerConfig:
                 "contrastive_hidden_size",
                 "logit_scale_init_value",
                 "architectures",
+                "id2label",
             ):
                 if value is None:
                     continue
                 if field.name == "architectures":
                     value = list(value)
+                if field.name == "id2label":
+                    # JSON object keys are strings, as transformers writes them.
+                    value = {str(index): label for index, label in value.items()}
             out[field.name] = value
         out["text_config"] = self.text_config.to_dict()
         out["vision_config"] = self.vision_config.to_dict()

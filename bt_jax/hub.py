@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bt_jax import sharding
-from bt_jax.config import BridgeTowerConfig
+from bt_jax.config import TASK_HEADS, BridgeTowerConfig
 from bt_jax.fileio import atomic_directory
 from bt_jax.modeling import PRETRAINING_HEADS, create_model, head_name
 from bt_jax.processing import PROCESSOR_FILES
@@ -86,7 +86,7 @@ def head_of(model: nnx.Module) -> str:
 
 
 def stored_heads(path: str | os.PathLike) -> tuple[str, ...]:
-    """Return the heads (of mlm, itm, itc) whose weights a checkpoint directory stores.
+    """Return the heads (mlm, itm, itc, vqa, nlvr2, snli-ve) a checkpoint stores.
 
     Only tensor names are read, not data.
     """
@@ -95,10 +95,17 @@ def stored_heads(path: str | os.PathLike) -> tuple[str, ...]:
     else:
         with open_checkpoint(path) as source:
             keys = list(source.shapes)
-    prefixes = {"mlm": "mlm_score.", "itm": "itm_score.", "itc": "itc_text_head."}
+    prefixes = {
+        "mlm": "mlm_score.",
+        "itm": "itm_score.",
+        "itc": "itc_text_head.",
+        "vqa": "vqa_classifier.",
+        "nlvr2": "nlvr2_classifier.",
+        "snli-ve": "snli_classifier.",
+    }
     return tuple(
         head
-        for head in PRETRAINING_HEADS
+        for head in (*PRETRAINING_HEADS, *TASK_HEADS)
         if any(key.startswith(prefixes[head]) for key in keys)
     )
 
@@ -106,10 +113,14 @@ def stored_heads(path: str | os.PathLike) -> tuple[str, ...]:
 def checkpoint_head(path: str | os.PathLike) -> str:
     """Return the head that keeps every head weight a checkpoint stores.
 
-    That is the single head, "mlm+itm+itc"-style for several, or "model" for a
-    bare backbone.
+    That is the single head, "mlm+itm+itc"-style for several, "model" for a
+    bare backbone, or the fine-tuning head (vqa, nlvr2, snli-ve) when there is
+    one.
     """
     heads = stored_heads(path)
+    tasks = [head for head in heads if head in TASK_HEADS]
+    if tasks:
+        return tasks[0]
     return "+".join(heads) if heads else "model"
 
 

@@ -40,6 +40,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from bt_jax import hub
+from bt_jax.config import TASK_HEADS
 from bt_jax.modeling import (
     BridgeTowerForContrastiveLearning,
     BridgeTowerForImageAndTextRetrieval,
@@ -196,6 +197,13 @@ class Predictor:
             )
         if head is None:
             head = hub.checkpoint_head(path)
+            if head in TASK_HEADS:
+                raise ValueError(
+                    f"{path} holds a fine-tuned {head} model, and the Predictor "
+                    "runs the MLM, ITM and ITC heads; load it with "
+                    "bt_jax.from_pretrained and call the model, or score a dataset "
+                    "with `python -m train.evaluate`."
+                )
             if head == "model":
                 raise ValueError(
                     f"{path} stores no task head (MLM, ITM or ITC), and the Predictor "

@@ -86,3 +86,30 @@ def contrastive_loss(
         )
         total = total + cross_entropy(similarity, labels)
     return total / 3.0
+
+
+def vqa_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Binary cross-entropy against VQA soft scores, summed over answers.
+
+    The reference takes the mean of the element-wise binary cross-entropy with
+    logits and multiplies it by the number of answers, which equals the sum
+    over answers averaged over questions.
+
+    Args:
+      logits: `(batch, answers)` scores of the VQA head.
+      targets: `(batch, answers)` soft scores in [0, 1]
+        (`bt_jax.data.vqa.dense_targets`).
+    """
+    if tuple(targets.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"VQA targets have shape {tuple(targets.shape)} but the logits have "
+            f"{tuple(logits.shape)}; the answer vocabulary of the data must be the "
+            "head's (config.id2label)."
+        )
+    logits = logits.astype(jnp.float32)
+    targets = targets.astype(jnp.float32)
+    # log(1 + exp(-|x|)) keeps large logits finite, as torch's version does.
+    elementwise = (
+        jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    )
+    return jnp.sum(elementwise, axis=-1).mean()

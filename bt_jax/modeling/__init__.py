@@ -25,20 +25,28 @@ from bt_jax.modeling.outputs import (
     PreTrainingOutput,
     SequenceClassifierOutput,
 )
+from bt_jax.modeling.tasks import (
+    TASK_MODEL_CLASSES,
+    BridgeTowerForNLVR2,
+    BridgeTowerForVisualEntailment,
+    BridgeTowerForVisualQuestionAnswering,
+)
 
 MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "model": BridgeTowerModel,
     "mlm": BridgeTowerForMaskedLM,
     "itm": BridgeTowerForImageAndTextRetrieval,
     "itc": BridgeTowerForContrastiveLearning,
+    **TASK_MODEL_CLASSES,
 }
 
 
 def model_class(head: str) -> Callable[..., nnx.Module]:
     """Return the constructor for a head name.
 
-    The names are "model", "mlm", "itm", "itc", or several of mlm, itm and itc
-    joined by "+" (such as "mlm+itm+itc") for `BridgeTowerForPreTraining`.
+    The names are "model", "mlm", "itm", "itc", the fine-tuning heads "vqa",
+    "nlvr2" and "snli-ve" (`bt_jax.modeling.tasks`), or several of mlm, itm and
+    itc joined by "+" (such as "mlm+itm+itc") for `BridgeTowerForPreTraining`.
     """
     if "+" in head:
         return functools.partial(BridgeTowerForPreTraining, heads=parse_heads(head))
@@ -82,7 +90,10 @@ __all__ = [
     "BridgeTowerForContrastiveLearning",
     "BridgeTowerForImageAndTextRetrieval",
     "BridgeTowerForMaskedLM",
+    "BridgeTowerForNLVR2",
     "BridgeTowerForPreTraining",
+    "BridgeTowerForVisualEntailment",
+    "BridgeTowerForVisualQuestionAnswering",
     "BridgeTowerModel",
     "BridgeTowerModelOutput",
     "ContrastiveOutput",

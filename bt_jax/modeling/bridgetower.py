@@ -36,7 +36,6 @@ from bt_jax.modeling.text import Pooler, TextModel
 from bt_jax.modeling.vision import VisionModel
 
 # Rows of the token-type table that BridgeTowerModel adds to the cross-modal inputs.
-NUM_TOKEN_TYPES = 2
 ACTIVATION_AXES = ("act_batch", "act_length", "act_embed")
 # Checkpoint policies of `BridgeTowerModel.remat`, by name:
 # "full" keeps only the layer's inputs and recomputes the rest, "dots" also
@@ -168,7 +167,7 @@ class BridgeTowerModel(nnx.Module):
                 [transform(vision.hidden_size) for _ in range(config.num_hidden_layers)]
             )
         self.token_type_embeddings = nnx.Embed(
-            NUM_TOKEN_TYPES,
+            config.num_token_types,
             width,
             param_dtype=param_dtype,
             embedding_init=layers.normal_init(std, (None, "embed")),

@@ -86,20 +86,33 @@ class VisionEmbeddings(nnx.Module):
         """
         table = self.position_embedding.embedding[...]
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        num_positions = table.shape[0] - 1
-        if grid_h * grid_w == num_positions and height == width:
+        if grid_h * grid_w == table.shape[0] - 1 and height == width:
             return table
-        side = round(num_positions**0.5)
-        patch_rows = table[1:].reshape(side, side, table.shape[-1])
-        resized = jax.image.resize(
-            patch_rows,
-            (grid_h, grid_w, table.shape[-1]),
-            method="bicubic-pytorch",
-            antialias=False,
+        return resample_position_table(table, grid_h, grid_w)
+
+
+def resample_position_table(table: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+    """Resize a CLIP position table (class row, then a square grid) to `grid_h`x`grid_w`.
+
+    The grid is resized with PyTorch's bicubic kernel (A = -0.75,
+    align_corners=False, no antialiasing), as `torch.nn.functional.interpolate`
+    does for `mode="bicubic"`; the class row is kept unchanged.
+    """
+    num_positions = table.shape[0] - 1
+    side = round(num_positions**0.5)
+    if side * side != num_positions:
+        raise ValueError(
+            f"the position table has {num_positions} patch rows, not a square grid; "
+            "only square tables can be resampled."
         )
-        return jnp.concatenate(
-            [table[:1], resized.reshape(grid_h * grid_w, -1)], axis=0
-        )
+    patch_rows = table[1:].reshape(side, side, table.shape[-1])
+    resized = jax.image.resize(
+        patch_rows,
+        (grid_h, grid_w, table.shape[-1]),
+        method="bicubic-pytorch",
+        antialias=False,
+    )
+    return jnp.concatenate([table[:1], resized.reshape(grid_h * grid_w, -1)], axis=0)
 
 
 def check_pixel_values(

@@ -24,9 +24,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bt_jax import sharding
-from bt_jax.config import BridgeTowerConfig
+from bt_jax.config import TASK_HEADS, BridgeTowerConfig
 from bt_jax.modeling.bridgetower import REMAT_POLICIES
 from bt_jax.modeling.heads import BridgeTowerForPreTraining
+from bt_jax.modeling.tasks import TASK_MODEL_CLASSES
 from bt_jax.training.objectives import ObjectiveConfig, pretraining_loss
 from bt_jax.training.optim import (
     OptimizerConfig,
@@ -34,6 +35,7 @@ from bt_jax.training.optim import (
     make_optimizer,
     parameter_labels,
 )
+from bt_jax.training.tasks import check_task, task_loss
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -75,7 +77,8 @@ class Trainer:
 
     Attributes:
       config: the model's configuration.
-      objective: loss weights and ITM negatives; decides the heads.
+      objective: loss weights and ITM negatives; decides the heads of the
+        pretraining and retrieval tasks.
       optimizer: AdamW settings.
       mesh: device mesh with axes data, fsdp and tensor.
       rules: logical axis rules (`bt_jax.sharding.DEFAULT_RULES`).
@@ -85,6 +88,9 @@ class Trainer:
         (`bt_jax.modeling.bridgetower.REMAT_POLICIES`).
       scan_layers: run each stack of layers as one `lax.scan`
         (`BridgeTowerModel.scan_layers`); the step compiles faster.
+      task: "pretrain" and "retrieval" train `BridgeTowerForPreTraining` with
+        `objective`; "vqa", "nlvr2" and "snli-ve" train that task's model and
+        loss (`bt_jax.training.tasks`).
     """
 
     config: BridgeTowerConfig
@@ -96,8 +102,10 @@ class Trainer:
     dtype: Any = jnp.float32
     remat: str = "none"
     scan_layers: bool = True
+    task: str = "pretrain"
 
     def __post_init__(self):
+        check_task(self.task)
         if self.remat not in REMAT_POLICIES:
             raise ValueError(
                 f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
@@ -154,16 +162,25 @@ class Trainer:
         ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         return ways * self.accumulation_steps
 
-    def _model(self, seed) -> BridgeTowerForPreTraining:
+    @property
+    def head(self) -> str:
+        """The head name of the trained model (`bt_jax.modeling.model_class`)."""
+        if self.task in TASK_HEADS:
+            return self.task
+        return "+".join(self.objective.heads)
+
+    def _model(self, seed) -> nnx.Module:
+        kwargs = dict(
+            dtype=self.dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(params=seed)
+        )
         # The rules resolve the parameters' logical axis names when a mesh is set.
         with nnx.logical_axis_rules(list(self.rules)), nnx.use_eager_sharding(False):
-            model = BridgeTowerForPreTraining(
-                self.config,
-                heads=self.objective.heads,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                rngs=nnx.Rngs(params=seed),
-            )
+            if self.task in TASK_HEADS:
+                model = TASK_MODEL_CLASSES[self.task](self.config, **kwargs)
+            else:
+                model = BridgeTowerForPreTraining(
+                    self.config, heads=self.objective.heads, **kwargs
+                )
         model.bridgetower.remat = self.remat
         model.bridgetower.scan_layers = self.scan_layers
         return model
@@ -221,6 +238,8 @@ class Trainer:
 
     def _loss(self, params, batch, rng):
         model = nnx.merge(self.graphdef, params)
+        if self.task in TASK_HEADS:
+            return task_loss(model, batch, rng, self.task)
         return pretraining_loss(model, batch, rng, self.objective)
 
     def _gradients(self, params, batch: dict[str, jax.Array], rng: jax.Array):
@@ -277,11 +296,11 @@ class Trainer:
             )
         return arrays
 
-    def model(self, state: TrainState) -> BridgeTowerForPreTraining:
+    def model(self, state: TrainState) -> nnx.Module:
         """Return the model with the state's parameters, for evaluation."""
         return self.model_from_params(state.params)
 
-    def model_from_params(self, params: dict) -> BridgeTowerForPreTraining:
+    def model_from_params(self, params: dict) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
 
 

@@ -54,6 +54,9 @@ HEAD_MODULES = (
     "itc_image_head",
     "itc_cross_modal_head",
     "logit_scale",
+    "vqa_classifier",
+    "nlvr2_classifier",
+    "snli_classifier",
 )
 LEGACY_BUFFERS = (
     "text_model.embeddings.position_ids",
