@@ -1,4 +1,7 @@
-"""The pretraining loop: restore or initialise, step, log, evaluate, checkpoint.
+"""The training loop: restore or initialise, step, log, evaluate, checkpoint.
+
+It pretrains, or fine-tunes on one task (`config.task`: retrieval, vqa, nlvr2,
+snli-ve); evaluations of a task also go to `eval/TASK_stepN.json` and `.txt`.
 
 `train_and_evaluate(config, workdir)` runs one training config to its
 `total_steps`, resuming from the newest checkpoint in `workdir` when there is
@@ -27,16 +30,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from bt_jax import hub
 from bt_jax.checkpoint import RunCheckpoints
 from bt_jax.data import PipelineConfig, make_pipeline
+from bt_jax.evaluation import write_results
 from bt_jax.training import summary
-from bt_jax.training.evaluation import Evaluator
+from bt_jax.training.evaluation import Evaluator, TaskEvaluator, vqa_annotations
 from bt_jax.training.metric_writer import MetricWriter
 from bt_jax.training.settings import RunSettings
 from bt_jax.training.step import Trainer
+from bt_jax.training.tasks import finetuning_params
 from train import report, setup
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+EVAL_DIR = "eval"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -135,12 +141,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
     )
 
     _stage("model and data")
-    model_config = setup.load_model_config(config, settings.objective.heads)
-    run_record = setup.check_workdir(
-        workdir, model_config, settings.objective.heads, config
-    )
+    heads = setup.heads_of(config, settings)
+    model_config = setup.load_model_config(config, heads)
     dataset = setup.dataset_path(config, workdir)
     train_records = setup.open_split(config, dataset, config.data.train_split)
+    model_config = setup.task_model_config(config, model_config, train_records)
+    run_record = setup.check_workdir(workdir, model_config, heads, config)
     eval_records = None
     if config.data.eval_split:
         eval_records = _FirstRecords(
@@ -148,7 +154,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
             config.eval.max_images,
         )
     processor = setup.load_processor(config, model_config, train_records, workdir)
-    uses_mlm = bool(settings.objective.mlm_weight)
+    uses_mlm = config.task == "pretrain" and bool(settings.objective.mlm_weight)
     pipeline_config = PipelineConfig(
         global_batch_size=config.global_batch_size,
         max_text_length=config.data.max_text_length,
@@ -176,11 +182,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
     if latest is not None:
         _stage("resuming from step %d in %s", latest, checkpoints.directory)
         state = checkpoints.restore(latest, abstract, iterator)
-    elif config.init_from:
+    elif config.init_from and config.task == "pretrain" and not config.image_size:
         _stage("initialising from %s", config.init_from)
         _, params = hub.from_pretrained(
             config.init_from,
-            head="+".join(settings.objective.heads),
+            head=trainer.head,
             mesh=mesh,
             init_missing_heads=True,
             seed=config.seed,
@@ -189,6 +195,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
         state = trainer.init_from_params(
             nnx.to_pure_dict(params), jax.random.key(config.seed)
         )
+    elif config.init_from:
+        _stage("initialising %s from %s", config.task, config.init_from)
+        params = finetuning_params(
+            config.init_from, model_config, trainer.head, seed=config.seed
+        )
+        state = trainer.init_from_params(params, jax.random.key(config.seed))
     else:
         _stage("initialising random weights (seed %d)", config.seed)
         state = trainer.init(jax.random.key(config.seed))
@@ -196,8 +208,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
     setup.record_run(workdir, run_record)
     evaluator = None
     if eval_records is not None:
+        setup.check_dataset_task(config, eval_records)
         evaluator = _make_evaluator(
-            trainer, eval_records, processor, config, pipeline_config
+            trainer, eval_records, processor, config, pipeline_config, workdir
         )
     writer = MetricWriter(workdir)
     try:
@@ -263,7 +276,7 @@ def _log_parameters(trainer: Trainer, abstract, workdir: Path) -> None:
         )
 
 
-def _make_evaluator(trainer, records, processor, config, train_pipeline):
+def _make_evaluator(trainer, records, processor, config, train_pipeline, workdir):
     eval_pipeline = PipelineConfig(
         global_batch_size=config.eval.batch_size,
         max_text_length=config.data.max_text_length,
@@ -277,7 +290,16 @@ def _make_evaluator(trainer, records, processor, config, train_pipeline):
         read_threads=train_pipeline.read_threads,
     )
     host_batch = config.eval.batch_size // jax.process_count()
-    evaluator = Evaluator(trainer, host_batch)
+    if config.task == "pretrain":
+        evaluator = Evaluator(trainer, host_batch)
+    else:
+        evaluator = TaskEvaluator(
+            trainer,
+            host_batch,
+            answers=records.answer_vocab if config.task == "vqa" else None,
+            annotations=vqa_annotations(records) if config.task == "vqa" else None,
+            k_test=config.eval.k_test,
+        )
     pairs = sum(records.texts_per_record(progress=False))
     if pairs < config.eval.batch_size:
         # Every process needs rows in the first batch; its block of a short
@@ -293,9 +315,15 @@ def _make_evaluator(trainer, records, processor, config, train_pipeline):
         batches = make_pipeline(records, processor, eval_pipeline)
         iterator = iter(batches)
         try:
-            return evaluator.evaluate(state, iterator, steps)
+            if config.task == "pretrain":
+                return evaluator.evaluate(state, iterator, steps)
+            result = evaluator.evaluate(state.params, iterator, steps)
         finally:
             iterator.close()
+        if jax.process_index() == 0:
+            step = int(jax.device_get(state.step))
+            write_results(result, workdir / EVAL_DIR, f"{config.task}_step{step}")
+        return result
 
     return run
 

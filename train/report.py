@@ -13,15 +13,19 @@ REPORT_FILE = "report.txt"
 PLOT_FILE = "curves.png"
 _LOSSES = ("loss", "mlm_loss", "itm_loss", "itc_loss")
 _RECALLS = ("text_to_image_r1", "image_to_text_r1", "itm_accuracy")
+# Fine-tuning tasks log these training metrics, and evaluate in percent.
+_TASK_TRAIN = ("accuracy", "vqa_score")
+_TASK_SCORES = ("accuracy", "text_to_image_r1", "image_to_text_r1", "r_mean")
+_RECORD_KEYS = ("step", "split", "time")
 
 
-def summarize(train: list[dict], evals: list[dict]) -> str:
+def summarize(train: list[dict], evals: list[dict], task: str = "pretrain") -> str:
     """Return the report text from the train and eval records of `metrics.jsonl`."""
     lines = []
     if train:
         first, last = train[0], train[-1]
         lines.append(f"steps {first['step']} to {last['step']} (logged means):")
-        for name in _LOSSES:
+        for name in _LOSSES + _TASK_TRAIN:
             if first.get(name) is not None and last.get(name) is not None:
                 lines.append(f"  {name:<10} {first[name]:8.4f} -> {last[name]:8.4f}")
         speed = [
@@ -29,7 +33,13 @@ def summarize(train: list[dict], evals: list[dict]) -> str:
         ]
         if speed:
             lines.append(f"  examples/s {sorted(speed)[len(speed) // 2]:8.1f} (median)")
-    if evals:
+    if evals and task != "pretrain":
+        last = evals[-1]
+        lines.append(f"{task} evaluation at step {last['step']} (percent):")
+        for name, value in last.items():
+            if name not in _RECORD_KEYS and isinstance(value, (int, float)):
+                lines.append(f"  {name:<20} {value:8.2f}")
+    elif evals:
         last = evals[-1]
         images = last.get("images")
         examples = last.get("examples")
@@ -57,19 +67,21 @@ def summarize(train: list[dict], evals: list[dict]) -> str:
 
 def write_report(workdir: str | Path, config=None) -> str:
     """Write `report.txt` and `curves.png` into the workdir; return the report text."""
-    del config
+    task = "pretrain" if config is None else config.task
     workdir = Path(workdir)
     train = read_metrics(workdir, "train")
     evals = read_metrics(workdir, "eval")
-    text = summarize(train, evals)
+    text = summarize(train, evals, task)
     (workdir / REPORT_FILE).write_text(text + "\n", encoding="utf-8")
     if train:
-        plot_curves(train, evals, workdir / PLOT_FILE)
+        plot_curves(train, evals, workdir / PLOT_FILE, task)
         text += f"\nplot: {workdir / PLOT_FILE}"
     return text
 
 
-def plot_curves(train: list[dict], evals: list[dict], path: Path) -> None:
+def plot_curves(
+    train: list[dict], evals: list[dict], path: Path, task: str = "pretrain"
+) -> None:
     """Plot the training losses and the evaluation scores against the step."""
     import matplotlib
 
@@ -88,11 +100,14 @@ def plot_curves(train: list[dict], evals: list[dict], path: Path) -> None:
     losses.legend()
     if evals:
         eval_steps = [record["step"] for record in evals]
-        for name in _RECALLS:
+        names = _RECALLS if task == "pretrain" else _TASK_SCORES
+        for name in names:
             values = [record.get(name) for record in evals]
             if any(value is not None for value in values):
                 scores.plot(eval_steps, values, marker="o", label=name)
-        scores.set_ylim(0, 1.02)
+        scores.set_ylim(0, 1.02 if task == "pretrain" else 102)
+        if task != "pretrain":
+            scores.set_ylabel("percent")
         scores.legend()
     scores.set_xlabel("step")
     scores.set_title("evaluation")

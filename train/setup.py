@@ -6,6 +6,7 @@ path or workdir fails in seconds with a message naming the value.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from bt_jax.data import open_records
 from bt_jax.data.build import build_sample_dataset
 from bt_jax.data.reading import Records
 from bt_jax.training.step import Trainer
+from bt_jax.training.tasks import task_config
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,13 @@ ITC_DEFAULTS = {"contrastive_hidden_size": 512, "logit_scale_init_value": 2.6592
 TOKENIZER_DIR = "tokenizer"
 # Captions read to train a tokenizer when none is given; more adds little.
 TOKENIZER_TRAINING_RECORDS = 100_000
+# The kind of dataset (`Records.task`) each training task reads.
+DATASET_TASKS = {
+    "retrieval": "captions",
+    "vqa": "vqa",
+    "nlvr2": "nlvr2",
+    "snli-ve": "snli-ve",
+}
 
 
 def _launched_with_several_processes() -> bool:
@@ -122,6 +131,64 @@ def make_trainer(config, settings, model_config, mesh) -> Trainer:
         accumulation_steps=config.accumulation_steps,
         dtype=settings.dtype,
         remat=config.remat,
+        task=config.task,
+    )
+
+
+def heads_of(config, settings) -> tuple[str, ...]:
+    """The heads a run trains: its task's, or the objectives' for (pre)training."""
+    if config.task in ("pretrain", "retrieval"):
+        return settings.objective.heads
+    return (config.task,)
+
+
+def check_dataset_task(config, records: Records) -> None:
+    """Raise ValueError when the dataset is not the kind the task trains on."""
+    expected = DATASET_TASKS.get(config.task)
+    if expected is not None and records.task != expected:
+        raise ValueError(
+            f"task={config.task} trains on a {expected} dataset, but "
+            f"{config.data.dataset} holds {records.task} data; build one with "
+            f"`python -m bt_jax.data build FORMAT SOURCE --out DIR` or change config.task."
+        )
+
+
+def task_model_config(
+    config, model_config: BridgeTowerConfig, records: Records
+) -> BridgeTowerConfig:
+    """Return the config of the model a task trains, from the loaded architecture.
+
+    The classes come from the dataset (the VQA answer vocabulary, NLVR2's and
+    SNLI-VE's label names). A head that `model_config` already has keeps its
+    shape; a new one takes `config.head`.
+    """
+    task = config.task
+    check_dataset_task(config, records)
+    if task in ("pretrain", "retrieval"):
+        return task_config(model_config, task, image_size=config.image_size or None)
+    id2label = None
+    if task == "vqa":
+        id2label = list(records.answer_vocab or [])
+        if not id2label:
+            raise ValueError(
+                f"{config.data.dataset} has no answer vocabulary; rebuild it with "
+                "`python -m bt_jax.data build vqa SOURCE --out DIR`."
+            )
+    elif getattr(records, "label_names", None):
+        id2label = list(records.label_names)
+    head = {}
+    if model_config.default_head != task:
+        head = dict(
+            head_layers=config.head.layers,
+            head_hidden_scale=config.head.hidden_scale,
+        )
+    return task_config(
+        model_config,
+        task,
+        image_size=config.image_size or None,
+        id2label=id2label,
+        head_dropout=config.head.dropout,
+        **head,
     )
 
 
@@ -272,6 +339,13 @@ def load_processor(
         tokenizer = _trained_tokenizer(model_config, records, workdir / TOKENIZER_DIR)
         image_processor = processing.BridgeTowerImageProcessor(size=image_size)
     output_size = image_processor.output_shape(image_size, image_size)
+    if output_size != (image_size, image_size) and config.image_size:
+        # Fine-tuning at another resolution: the same preprocessing at that size.
+        logger.info("resizing images to %d px for config.image_size", image_size)
+        image_processor = dataclasses.replace(
+            image_processor, size={"shortest_edge": image_size}, crop_size=None
+        )
+        output_size = image_processor.output_shape(image_size, image_size)
     if output_size != (image_size, image_size):
         raise ValueError(
             f"the image processor makes {output_size} images but the model takes "

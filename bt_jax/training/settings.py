@@ -17,6 +17,7 @@ import ml_collections
 
 from bt_jax.training.objectives import ObjectiveConfig
 from bt_jax.training.optim import OptimizerConfig
+from bt_jax.training.tasks import TASKS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "dots")
@@ -26,6 +27,10 @@ def default_config() -> ml_collections.ConfigDict:
     """Return every field a training config has, with its default.
 
     Top level:
+      task: "pretrain" (MLM, ITM, ITC), "retrieval" (ITM and ITC), or a
+        fine-tuning head: "vqa", "nlvr2", "snli-ve" (`bt_jax.training.tasks`).
+      image_size: train at this resolution; the position table of `init_from`
+        is resampled to it (bicubic). 0 keeps the model's.
       model: a model preset file (`configs/base.py`), a `config.json`, or a
         checkpoint directory, whose architecture is trained from random weights.
       init_from: a checkpoint directory `bt_jax.from_pretrained` reads; its
@@ -46,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
       log_every_steps: steps between scalar logs.
     """
     config = ml_collections.ConfigDict()
+    config.task = "pretrain"
+    config.image_size = 0
     config.model = ""
     config.init_from = ""
     config.tokenizer = ""
@@ -81,16 +88,27 @@ def default_config() -> ml_collections.ConfigDict:
     )
     config.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
+    # The classifier of the vqa, nlvr2 and snli-ve tasks (`BridgeTowerConfig`
+    # fields task_head_layers, head_hidden_scale and head_dropout). A head that
+    # `init_from` already has keeps its own shape.
+    config.head = ml_collections.ConfigDict()
+    config.head.layers = 2
+    config.head.hidden_scale = 2.0
+    config.head.dropout = 0.0
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
 
-    # Evaluation on `data.eval_split`: ITM accuracy and retrieval recall.
+    # Evaluation on `data.eval_split`. Pretraining: ITM accuracy and ITC
+    # retrieval recall. Fine-tuning tasks: `bt_jax.evaluation`'s metrics, with
+    # the ITC top `k_test` candidates re-ranked by ITM for retrieval.
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 1000  # 0: only at the end
     config.eval.batch_size = 64
     config.eval.max_images = 1000
+    config.eval.k_test = 128
 
     # Fault injection for recovery tests: after step `signal_after_step` (0:
     # never) the program sends itself `signal`, "SIGKILL" (dies as a crashed
@@ -141,6 +159,25 @@ class RunSettings:
         _check_positive(config.checkpoint, "every_steps", "checkpoint.")
         _check_positive(config.eval, "batch_size", "eval.")
         _check_positive(config.eval, "max_images", "eval.")
+        _check_positive(config.eval, "k_test", "eval.")
+        if config.task not in TASKS:
+            raise ValueError(
+                f"config.task must be one of {', '.join(TASKS)}, got {config.task!r}."
+            )
+        if not isinstance(config.image_size, int) or config.image_size < 0:
+            raise ValueError(
+                f"config.image_size must be a non-negative integer (0: the model's), "
+                f"got {config.image_size!r}."
+            )
+        if config.head.layers not in (1, 2):
+            raise ValueError(
+                f"config.head.layers must be 1 or 2, got {config.head.layers!r}."
+            )
+        if config.task == "retrieval" and config.objective.mlm_weight:
+            raise ValueError(
+                "task=retrieval trains ITC and ITM only; set "
+                "--config.objective.mlm_weight=0 (or use task=pretrain)."
+            )
         if config.eval.every_steps < 0:
             raise ValueError(
                 f"config.eval.every_steps must be >= 0 (0: only at the end), got "

@@ -1,0 +1,64 @@
+"""Training config: fine-tune BridgeTower base for SNLI-VE.
+
+Run it with
+
+    python -m train --config configs/finetune_snli_ve_base.py --workdir runs/snli-ve-base \
+        --config.init_from=CHECKPOINT --config.data.dataset=PATH
+
+`init_from` is a pretrained checkpoint (a Hugging Face directory such as
+bridgetower-base-itm-mlm, or `python -m convert to-jax` output of an original
+checkpoint). Its position table is resampled to 384 px (bicubic), and the
+three-way classifier starts at random (two layers, hidden scale 2). The dataset
+is built with `python -m bt_jax.data build snli-ve SOURCE --out DIR` from the
+official SNLI-VE files (`snli_ve_{train,dev,test}.jsonl`) and the Flickr30K
+images.
+
+The hyper-parameters are the original repository's recipe
+(`scripts/ftfpt_base_snlive.sh`): 384 px images, text length 50, AdamW at 3e-06
+with betas (0.9, 0.98) and weight decay 0.01, 0.06 of the steps as warmup then
+linear decay to 0, learning-rate multipliers of 5 for the cross-modal tower and
+10 for the head, a global batch of 64. `total_steps` = 5 epochs of 529,527
+training examples at that batch, ceil(5 x 529,527 / 64) = 41,370; recompute it
+for another dataset size or batch.
+
+Fields people change:
+  init_from, data.dataset, data.train_split, data.eval_split: the inputs.
+  global_batch_size, accumulation_steps, total_steps: the schedule; keep
+    total_steps at epochs x examples / global_batch_size.
+  mesh_shape, dtype, remat: devices, bfloat16 compute and rematerialisation.
+  eval.every_steps, eval.max_images: how often and on how much to evaluate.
+"""
+
+import ml_collections
+
+from bt_jax.training.settings import default_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Return the SNLI-VE fine-tuning config."""
+    config = default_config()
+    config.task = "snli-ve"
+    config.image_size = 384
+    config.total_steps = 41370
+    config.global_batch_size = 64
+    config.mesh_shape = (1, -1, 1)
+    config.dtype = "bfloat16"
+    config.remat = "full"
+    config.head.layers = 2
+    config.head.hidden_scale = 2.0
+
+    config.data.max_text_length = 50
+    config.data.train_split = "train"
+    config.data.eval_split = "dev"
+    config.data.worker_count = 8
+
+    config.optimizer.learning_rate = 3e-06
+    config.optimizer.warmup_steps = 0.06
+    config.optimizer.weight_decay = 0.01
+    config.optimizer.lr_mult_cross_modal = 5.0
+    config.optimizer.lr_mult_head = 10.0
+
+    config.checkpoint.every_steps = 2000
+    config.eval.every_steps = 2000
+    config.eval.max_images = 1000
+    return config
