@@ -1,6 +1,7 @@
 """Command line: `python -m convert {to-jax,to-torch,verify,init-random} ...`.
 
-to-jax SRC OUT       Hugging Face PyTorch checkpoint directory -> bt-jax directory
+to-jax SRC OUT       Hugging Face PyTorch checkpoint directory, or an original
+                     microsoft/BridgeTower Lightning .ckpt -> bt-jax directory
 to-torch SRC OUT     bt-jax directory -> Hugging Face directory (config.json,
                      model.safetensors) that transformers' from_pretrained loads
 verify SRC           run the PyTorch reference and bt-jax on the same inputs and
@@ -19,6 +20,9 @@ import threading
 
 HEADS = ("model", "mlm", "itm", "itc")
 MULTI_HEADS = ("mlm", "itm", "itc")
+# The fine-tuning heads of bt_jax.config.TASK_HEADS, repeated here so that
+# `--help` does not import JAX.
+TASK_HEADS = ("vqa", "nlvr2", "snli-ve")
 
 
 def head_spec(value: str) -> str:
@@ -32,6 +36,19 @@ def head_spec(value: str) -> str:
             "mlm, itm and itc joined by '+', e.g. mlm+itm+itc"
         )
     return value
+
+
+def to_jax_head_spec(value: str) -> str:
+    """Accept what `head_spec` accepts, or a fine-tuning head (vqa, nlvr2, snli-ve)."""
+    if value in TASK_HEADS:
+        return value
+    try:
+        return head_spec(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"invalid head {value!r}: use one of {', '.join(HEADS + TASK_HEADS)}, or "
+            "several of mlm, itm and itc joined by '+', e.g. mlm+itm+itc"
+        ) from None
 
 
 DTYPES = ("keep", "float32", "bfloat16", "float16")
@@ -50,19 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_jax = commands.add_parser(
-        "to-jax", help="PyTorch checkpoint directory -> bt-jax directory"
+        "to-jax",
+        help="PyTorch checkpoint directory or original .ckpt -> bt-jax directory",
     )
     to_jax.add_argument(
-        "src", help="Hugging Face directory with config.json and weights"
+        "src",
+        help="Hugging Face directory with config.json and weights, or an original "
+        "microsoft/BridgeTower Lightning checkpoint (a .ckpt file, or a directory "
+        "with exactly one)",
     )
     to_jax.add_argument(
         "out", help="output directory (must not exist unless --overwrite)"
     )
     to_jax.add_argument(
         "--head",
-        type=head_spec,
-        help="head(s) to keep: model, mlm, itm, itc, or e.g. mlm+itm+itc "
-        "(default: every head the checkpoint stores, else config.json's)",
+        type=to_jax_head_spec,
+        help="head(s) to keep: model, mlm, itm, itc, several joined by '+' "
+        "(mlm+itm+itc), or a fine-tuning head (vqa, nlvr2, snli-ve). Default: "
+        "every head the checkpoint stores, else config.json's; for a .ckpt, the "
+        "heads its loss_names trained",
+    )
+    to_jax.add_argument(
+        "--config",
+        help="for a .ckpt: model config to use instead of the checkpoint's "
+        "hyper-parameters (required when it has none): a config.json, a checkpoint "
+        "directory, or a preset such as configs/base.py",
+    )
+    to_jax.add_argument(
+        "--answers",
+        help="for a .ckpt with a VQA head: the answers in label order, as a JSON "
+        "list, an object with a 'label2ans' list, an answer-to-label object, or a "
+        "bt-jax VQA dataset folder (default: answer_0, answer_1, ...)",
     )
     to_jax.add_argument(
         "--dtype",

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import jax.numpy as jnp
 
 import bt_jax
 from bt_jax import hub
-from bt_jax.config import HEAD_ARCHITECTURES, load_preset
+from bt_jax.config import HEAD_ARCHITECTURES, BridgeTowerConfig, load_preset
 from bt_jax.fileio import atomic_directory
+from bt_jax.weights import original
 from bt_jax.weights.io import write_safetensors
+from bt_jax.weights.mapping import CheckpointMismatchError
 from convert import verify as verify_module
 
 logger = logging.getLogger("convert")
@@ -36,8 +40,17 @@ def _check_output(path: str, overwrite: bool) -> None:
 
 
 def to_jax(args: argparse.Namespace) -> None:
-    """Convert a Hugging Face PyTorch checkpoint directory to a bt-jax directory."""
+    """Convert a Hugging Face directory or an original `.ckpt` to a bt-jax directory."""
     _check_output(args.out, args.overwrite)
+    if original.is_original_checkpoint(args.src):
+        _original_to_jax(args)
+        return
+    for option in ("config", "answers"):
+        if getattr(args, option, None) is not None:
+            raise ValueError(
+                f"--{option} applies to original .ckpt checkpoints; {args.src} is a "
+                "Hugging Face directory, whose config.json describes the model."
+            )
     started = time.perf_counter()
     logger.info("Reading %s", args.src)
     head = args.head
@@ -60,6 +73,79 @@ def to_jax(args: argparse.Namespace) -> None:
         model, params, args.out, overwrite=args.overwrite, extra_files=extra
     )
     logger.info("Done in %.1f s", time.perf_counter() - started)
+
+
+def _original_to_jax(args: argparse.Namespace) -> None:
+    """Convert an original microsoft/BridgeTower Lightning checkpoint.
+
+    The renamed weights are written as a Hugging Face directory next to the
+    output and loaded from there, so they pass the same strict checks as any
+    Hugging Face checkpoint.
+    """
+    started = time.perf_counter()
+    path = original.find_original_checkpoint(args.src)
+    logger.info("Reading %s", path)
+    checkpoint = original.load_original_checkpoint(path)
+    config = _read_model_config(args.config) if args.config else None
+    if config is not None and checkpoint.run_config is not None:
+        logger.info(
+            "Using %s instead of the checkpoint's hyper-parameters", args.config
+        )
+    answers = original.read_answers(args.answers) if args.answers else None
+    conversion = original.prepare_conversion(
+        checkpoint,
+        config=config,
+        head=args.head,
+        answers=answers,
+        init_missing_heads=args.init_missing_heads,
+    )
+    logger.info("%s", conversion.report.summary())
+    source = args.config or "the checkpoint's hyper-parameters"
+    out = Path(args.out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(
+        prefix=f".{out.name}.original-", dir=out.parent
+    ) as scratch:
+        conversion.config.to_json_file(Path(scratch) / hub.CONFIG_FILE)
+        write_safetensors(conversion.state_dict, Path(scratch) / "model.safetensors")
+        try:
+            model, params = bt_jax.from_pretrained(
+                scratch,
+                head=conversion.head,
+                param_dtype=_DTYPES[args.dtype],
+                init_missing_heads=args.init_missing_heads,
+            )
+        except CheckpointMismatchError as err:
+            message = str(err).replace(
+                str(Path(scratch) / "model.safetensors"), str(path)
+            )
+            raise CheckpointMismatchError(
+                f"{message}\nThe keys above have their Hugging Face names: "
+                "text_model. is text_transformer. in the .ckpt, vision_model.visual. "
+                f"is vit_model.visual., and the config came from {source}."
+            ) from None
+    extra = hub.processor_files(path.parent)
+    if not extra:
+        logger.info(
+            "No tokenizer or preprocessor files next to %s; copy them into %s to use "
+            "bt_jax.inference.Predictor",
+            path,
+            args.out,
+        )
+    logger.info("Writing %s (%s head)", args.out, conversion.head)
+    bt_jax.save_pretrained(
+        model, params, args.out, overwrite=args.overwrite, extra_files=extra
+    )
+    logger.info("Done in %.1f s", time.perf_counter() - started)
+
+
+def _read_model_config(path: str) -> BridgeTowerConfig:
+    """Read a preset (`.py`), a `config.json` or a checkpoint directory's config."""
+    if path.endswith(".py"):
+        return load_preset(path)
+    if Path(path).is_dir():
+        return hub.load_config(path)
+    return BridgeTowerConfig.from_json_file(path)
 
 
 def to_torch(args: argparse.Namespace) -> None:
