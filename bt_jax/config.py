@@ -376,7 +376,12 @@ class BridgeTowerConfig:
         if self.architectures is not None:
             object.__setattr__(self, "architectures", tuple(self.architectures))
         if self.id2label is not None:
-            object.__setattr__(self, "id2label", _label_table(self.id2label))
+            table = _label_table(self.id2label)
+            # transformers writes {0: "LABEL_0", 1: "LABEL_1"} into every
+            # config.json; those placeholders declare no classes.
+            if table == {0: "LABEL_0", 1: "LABEL_1"}:
+                table = None
+            object.__setattr__(self, "id2label", table)
         _check_field_types(self, "config")
         if self.task_head_layers not in (1, 2):
             raise ValueError(

@@ -22,6 +22,10 @@ before the classifier (hidden scale 1.5). `total_steps` = 10 epochs of 86,373
 training examples at that batch, ceil(10 x 86,373 / 64) = 13,496; recompute it
 for another dataset size or batch.
 
+NOTE: the original also augments the training images (its `blip_randaug_wc`
+transform, RandAugment-style); bt-jax's pipeline does not augment, so results
+may fall short of the paper's. Whether they do was not measured.
+
 Fields people change:
   init_from, data.dataset, data.train_split, data.eval_split: the inputs.
   global_batch_size, accumulation_steps, total_steps: the schedule; keep

@@ -24,6 +24,10 @@ reference trains on both: build them as one split, or train on `train` alone
 and recompute) at that batch, ceil(30 x 566,747 / 256) = 66,416; recompute it
 for another dataset size or batch.
 
+NOTE: the original also augments the training images (its `blip_randaug_wc`
+transform, RandAugment-style); bt-jax's pipeline does not augment, so results
+may fall short of the paper's. Whether they do was not measured.
+
 Fields people change:
   init_from, data.dataset, data.train_split, data.eval_split: the inputs.
   global_batch_size, accumulation_steps, total_steps: the schedule; keep
@@ -66,5 +70,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.checkpoint.every_steps = 2000
     config.eval.every_steps = 2000
-    config.eval.max_images = 1000
+    # Karpathy's COCO val and test splits have 5,000 images each.
+    config.eval.max_images = 5000
     return config

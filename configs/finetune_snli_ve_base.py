@@ -21,6 +21,10 @@ linear decay to 0, learning-rate multipliers of 5 for the cross-modal tower and
 training examples at that batch, ceil(5 x 529,527 / 64) = 41,370; recompute it
 for another dataset size or batch.
 
+NOTE: the original also augments the training images (its `blip_randaug_wc`
+transform, RandAugment-style); bt-jax's pipeline does not augment, so results
+may fall short of the paper's. Whether they do was not measured.
+
 Fields people change:
   init_from, data.dataset, data.train_split, data.eval_split: the inputs.
   global_batch_size, accumulation_steps, total_steps: the schedule; keep

@@ -130,10 +130,10 @@ def test_missing_weights_raises(tmp_path):
 def test_unknown_head_raises(tmp_path):
     save_reference(tmp_path)
 
-    with pytest.raises(ValueError, match=re.escape("head='vqa'")) as raised:
-        bt_jax.from_pretrained(tmp_path, head="vqa")
+    with pytest.raises(ValueError, match=re.escape("head='caption'")) as raised:
+        bt_jax.from_pretrained(tmp_path, head="caption")
 
-    assert "model, mlm, itm, itc" in str(raised.value)
+    assert "model, mlm, itm, itc, vqa, nlvr2, snli-ve" in str(raised.value)
 
 
 # config.json.

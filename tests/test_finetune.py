@@ -1,14 +1,16 @@
 """Fine-tuning end to end: every task trains on fixture data in its official format.
 
-Each test builds a dataset from files in the official layout (VQA v2 JSON,
-NLVR2 JSON Lines and image pairs, SNLI-VE JSON Lines, captions for retrieval),
-starts a tiny model from a saved "pretrained" checkpoint at 32 px, fine-tunes
-it at 48 px (so the position table is resampled), and checks that the loss
-falls and that the task's evaluator wrote its JSON result and table.
+Each test builds a dataset from files in the official layout: VQA v2 JSON,
+NLVR2 JSON Lines and image pairs, SNLI-VE JSON Lines, and Karpathy's split file
+for retrieval. It starts a tiny model from a saved "pretrained" checkpoint at
+32 px, fine-tunes it at 48 px (so the position table is resampled), and checks
+that the loss falls and that the task's evaluator wrote its JSON result and
+table.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import jax
@@ -21,6 +23,7 @@ from bt_jax import hub, processing
 from bt_jax.config import BridgeTowerConfig, load_preset
 from bt_jax.data import build_dataset
 from bt_jax.data.build import build_sample_dataset
+from bt_jax.data.vqa import read_answer_list
 from bt_jax.modeling import create_model
 from bt_jax.samples import load_samples
 from bt_jax.training.settings import default_config
@@ -32,6 +35,7 @@ from tests.data_fixtures import (
 from train.evaluate import build_parser, evaluate
 from train.evaluate import main as evaluate_main
 from train.loop import train_and_evaluate
+from train.memory import estimate
 
 STEPS = 24
 
@@ -148,6 +152,50 @@ def test_finetune_vqa_loss_falls_and_scores_accuracy(pretrained, tmp_path):
     with pytest.raises(ValueError, match=r"answer vocabulary .* in another order"):
         evaluate(build_parser().parse_args(arguments))
 
+    # The model's config.json gives its answer list back, for a rebuild.
+    assert read_answer_list(tmp_path / "run" / "model") == list(
+        exported.id2label.values()
+    )
+
+    # The test split has no human answers: only the predictions are written.
+    arguments[2] = f"--dataset={dataset}"
+    arguments[3] = "--split=test"
+    assert evaluate_main(arguments) == 0
+    predictions = json.loads(
+        (tmp_path / "alone" / "vqa_test_predictions.json").read_text()
+    )
+    assert {"question_id", "answer"} == set(predictions[0])
+    assert all(p["answer"] in exported.id2label.values() for p in predictions)
+    assert not (tmp_path / "alone" / "vqa_test.json").exists()
+
+    # A VQA model cannot be scored as another task.
+    arguments[0] = "--task=snli-ve"
+    with pytest.raises(ValueError, match=r"needs a snli-ve head, but .* holds a vqa"):
+        evaluate(build_parser().parse_args(arguments))
+
+
+@pytest.mark.parametrize(
+    "name", ["vqa_base", "vqa_large", "nlvr2_base", "snli_ve_base", "retrieval_base"]
+)
+def test_finetune_configs_load_and_size_the_step(name, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        name, REPO / "configs" / f"finetune_{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    # The tiny model with the patch size of the recipe's model (large: 14).
+    model = load_preset(REPO / "configs" / "tiny.py").to_dict()
+    model["vision_config"]["patch_size"] = 14 if "large" in name else 16
+    (tmp_path / "config.json").write_text(json.dumps(model))
+    config.model = str(tmp_path / "config.json")
+    config.global_batch_size = 4
+    config.mesh_shape = (1, 1, 1)
+    result = estimate(config, compile_step=False)
+    # The batch is sized at the task's resolution (VQA large: 574 px).
+    image = config.image_size
+    assert result["batch_bytes"] >= 4 * image * image * 3 * 4
+
 
 def _write_nlvr2_pairs(root, count: int):
     """Write `count` NLVR2 train pairs in the official layout, one sentence each.
@@ -230,8 +278,39 @@ def test_finetune_snli_ve_loss_falls_and_scores_accuracy(pretrained, tmp_path):
     assert 0.0 <= result["accuracy"] <= 100.0
 
 
+def _write_karpathy_flickr(root, photos_dir):
+    """Write every sample photo in Karpathy's Flickr30K split file, all in train."""
+    photos = materialize_photos(photos_dir)
+    entries = []
+    sentence_id = 0
+    for index, photo in enumerate(photos.values()):
+        filename = f"{index}{photo.suffix}"
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "images" / filename).write_bytes(photo.path.read_bytes())
+        sentences = []
+        for caption in photo.captions:
+            sentences.append(
+                {"raw": caption, "tokens": caption.split(), "sentid": sentence_id}
+            )
+            sentence_id += 1
+        entries.append(
+            {
+                "filename": filename,
+                "imgid": index,
+                "split": "train",
+                "sentences": sentences,
+            }
+        )
+    (root / "dataset_flickr30k.json").write_text(
+        json.dumps({"images": entries, "dataset": "flickr30k"})
+    )
+
+
 def test_finetune_retrieval_loss_falls_and_reranks(pretrained, tmp_path):
-    dataset = build_sample_dataset(tmp_path / "data")
+    _write_karpathy_flickr(tmp_path / "flickr", tmp_path / "photos")
+    dataset = build_dataset(
+        "karpathy", tmp_path / "flickr", tmp_path / "data", num_threads=2
+    )
     config = _config(pretrained, "retrieval", dataset, "train", "train")
     config.objective.mlm_weight = 0.0
     # ITC and ITM start near chance on the tiny model (ln 4 + 0.64 at batch 4)

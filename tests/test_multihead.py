@@ -161,7 +161,7 @@ def test_model_class_builds_pretraining_for_combination():
     with pytest.raises(ValueError, match="combine one or more of"):
         model_class("itm+")
     with pytest.raises(ValueError, match="joined by"):
-        model_class("vqa")
+        model_class("caption")
 
 
 def test_to_jax_keeps_every_stored_head(checkpoint, tmp_path):

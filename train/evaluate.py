@@ -10,12 +10,16 @@ writes), with its tokenizer and image settings. The task's metrics
 
 Tasks: vqa (VQA accuracy), nlvr2 and snli-ve (accuracy), retrieval (R@1/5/10
 both ways, ITC top `--k-test` re-ranked by ITM). The dataset must be the kind
-the task reads (`python -m bt_jax.data build`).
+the task reads (`python -m bt_jax.data build`). For VQA the predicted answers
+also go to `OUT/vqa_SPLIT_predictions.json` as `[{"question_id", "answer"}]`,
+the format of the VQA evaluation server; a split without human answers (test,
+test-dev) gets only that file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -24,6 +28,8 @@ from pathlib import Path
 logger = logging.getLogger("train.evaluate")
 
 TASKS = ("vqa", "nlvr2", "snli-ve", "retrieval")
+# Text lengths of the original fine-tuning recipes (configs/finetune_*.py).
+TEXT_LENGTHS = {"vqa": 50, "nlvr2": 50, "snli-ve": 50, "retrieval": 40}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-text-length",
         type=int,
         default=0,
-        help="tokens per text; 0: the model's limit",
+        help="tokens per text, as in training; 0: the task's recipe "
+        "(50, or 40 for retrieval)",
     )
     parser.add_argument(
         "--k-test",
@@ -79,7 +86,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     for name in ("batch_size", "k_test"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive.")
+    for name in ("max_images", "max_text_length"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or positive.")
     config = hub.load_config(args.model)
+    _check_model_task(args, hub.checkpoint_head(args.model))
     records = open_records(args.dataset, args.split, data_dir=args.data_dir or None)
     if records.task != DATASET_TASKS[args.task]:
         raise ValueError(
@@ -89,6 +100,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     if args.max_images:
         records = _FirstRecords(records, args.max_images)
     answers = None
+    annotated = True
     if args.task == "vqa":
         answers = list(records.answer_vocab or [])
         heads_answers = [config.id2label[i] for i in range(config.num_labels or 0)]
@@ -100,9 +112,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
                 + "; build the dataset with the model's answer list "
                 "(`python -m bt_jax.data build vqa SRC --out DIR --answer-vocab FILE`)."
             )
+        annotated = bool(len(records)) and any(records[0]["answers_per_question"])
 
     processor = processing.BridgeTowerProcessor.from_pretrained(args.model)
-    max_length = args.max_text_length or processor.max_text_length or 50
+    max_length = args.max_text_length or TEXT_LENGTHS[args.task]
+    if processor.max_text_length is not None:
+        max_length = min(max_length, processor.max_text_length)
     mesh = sharding.make_mesh((-1, 1, 1))
     devices = mesh.shape["data"]
     batch_size = math.ceil(args.batch_size / devices) * devices
@@ -122,6 +137,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         batch_size // jax.process_count(),
         answers=answers,
         annotations=vqa_annotations(records) if args.task == "vqa" else None,
+        score_answers=annotated,
         k_test=args.k_test,
     )
     pipeline = PipelineConfig(
@@ -144,9 +160,32 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     finally:
         iterator.close()
     if jax.process_index() == 0:
-        _, table = write_results(result, Path(args.out), f"{args.task}_{args.split}")
-        print(table)
+        name = f"{args.task}_{args.split}"
+        if args.task == "vqa":
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            path = Path(args.out) / f"{name}_predictions.json"
+            path.write_text(json.dumps(evaluator.predictions) + "\n", encoding="utf-8")
+            logger.info("wrote %d answers to %s", len(evaluator.predictions), path)
+        if result:
+            _, table = write_results(result, Path(args.out), name)
+            print(table)
     return result
+
+
+def _check_model_task(args: argparse.Namespace, head: str) -> None:
+    """Raise ValueError when the model at `--model` has no head for `--task`."""
+    if args.task == "retrieval":
+        fits = "itm" in head.split("+") and "itc" in head.split("+")
+    else:
+        fits = head == args.task
+    if not fits:
+        wanted = (
+            "ITM and ITC heads" if args.task == "retrieval" else f"a {args.task} head"
+        )
+        raise ValueError(
+            f"--task {args.task} needs {wanted}, but {args.model} holds a {head} "
+            "model; pass the task it was fine-tuned for."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,6 +167,14 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
 
     _stage("train state")
     trainer = setup.make_trainer(config, settings, model_config, mesh)
+    # The evaluator's checks run before anything is written to the workdir.
+    evaluator = None
+    if eval_records is not None:
+        setup.check_dataset_task(config, eval_records)
+        setup.check_eval_split(config, eval_records)
+        evaluator = _make_evaluator(
+            trainer, eval_records, processor, config, pipeline_config, workdir
+        )
     abstract = trainer.abstract_state()
     checkpoints = RunCheckpoints(
         workdir / setup.CHECKPOINT_DIR,
@@ -206,12 +214,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
         state = trainer.init(jax.random.key(config.seed))
 
     setup.record_run(workdir, run_record)
-    evaluator = None
-    if eval_records is not None:
-        setup.check_dataset_task(config, eval_records)
-        evaluator = _make_evaluator(
-            trainer, eval_records, processor, config, pipeline_config, workdir
-        )
     writer = MetricWriter(workdir)
     try:
         with _StopRequest() as stop, logging_redirect_tqdm():

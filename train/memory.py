@@ -79,9 +79,15 @@ def abstract_batch(config, model_config, mesh):
         "attention_mask": ((size, length), jnp.int32),
         "record_index": ((size,), jnp.int32),
     }
-    if config.objective.mlm_weight:
+    if config.task == "pretrain" and config.objective.mlm_weight:
         shapes["mlm_input_ids"] = ((size, length), jnp.int32)
         shapes["mlm_labels"] = ((size, length), jnp.int32)
+    if config.task == "vqa":
+        shapes["vqa_targets"] = ((size, model_config.num_labels), jnp.float32)
+    if config.task in ("nlvr2", "snli-ve"):
+        shapes["labels"] = ((size,), jnp.int32)
+    if config.task == "nlvr2":
+        shapes["pixel_values_2"] = shapes["pixel_values"]
     return {
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         for name, (shape, dtype) in shapes.items()
@@ -102,7 +108,8 @@ def estimate(config, *, compile_step: bool = True) -> dict:
     settings = RunSettings.from_config(config, needs_data=False)
     mesh = setup.make_mesh(config.mesh_shape)
     setup.check_batch(config, mesh)
-    model_config = setup.load_model_config(config, settings.objective.heads)
+    model_config = setup.load_model_config(config, setup.heads_of(config, settings))
+    model_config = setup.task_model_config(config, model_config, None)
     trainer = setup.make_trainer(config, settings, model_config, mesh)
     state = trainer.abstract_state()
     batch = abstract_batch(config, model_config, mesh)

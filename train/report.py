@@ -35,9 +35,16 @@ def summarize(train: list[dict], evals: list[dict], task: str = "pretrain") -> s
             lines.append(f"  examples/s {sorted(speed)[len(speed) // 2]:8.1f} (median)")
     if evals and task != "pretrain":
         last = evals[-1]
-        lines.append(f"{task} evaluation at step {last['step']} (percent):")
+        lines.append(
+            f"{task} evaluation at step {last['step']} (accuracies and recalls in "
+            "percent):"
+        )
         for name, value in last.items():
-            if name not in _RECORD_KEYS and isinstance(value, (int, float)):
+            if name in _RECORD_KEYS or not isinstance(value, (int, float)):
+                continue
+            if _is_count(name):
+                lines.append(f"  {name:<20} {int(value):8d}")
+            else:
                 lines.append(f"  {name:<20} {value:8.2f}")
     elif evals:
         last = evals[-1]
@@ -63,6 +70,16 @@ def summarize(train: list[dict], evals: list[dict], task: str = "pretrain") -> s
                 label = direction.replace("_", " ")
                 lines.append(f"  {label:<16} {recalls} (R@1 chance about {chance:.3f})")
     return "\n".join(lines)
+
+
+def _is_count(name: str) -> bool:
+    """Return whether an evaluation metric counts items (not a percentage)."""
+    counts = ("examples", "questions", "images", "texts", "missing_predictions")
+    return (
+        name in counts
+        or name.startswith("questions_")
+        or name.endswith(("_examples", "_correct", "_predicted"))
+    )
 
 
 def write_report(workdir: str | Path, config=None) -> str:

@@ -32,6 +32,9 @@ ITC_DEFAULTS = {"contrastive_hidden_size": 512, "logit_scale_init_value": 2.6592
 TOKENIZER_DIR = "tokenizer"
 # Captions read to train a tokenizer when none is given; more adds little.
 TOKENIZER_TRAINING_RECORDS = 100_000
+# Answers of the VQA v2 vocabulary the reference builds (train and val, at
+# least 9 occurrences).
+VQA_V2_ANSWERS = 3129
 # The kind of dataset (`Records.task`) each training task reads.
 DATASET_TASKS = {
     "retrieval": "captions",
@@ -154,27 +157,39 @@ def check_dataset_task(config, records: Records) -> None:
 
 
 def task_model_config(
-    config, model_config: BridgeTowerConfig, records: Records
+    config, model_config: BridgeTowerConfig, records: Records | None
 ) -> BridgeTowerConfig:
     """Return the config of the model a task trains, from the loaded architecture.
 
     The classes come from the dataset (the VQA answer vocabulary, NLVR2's and
-    SNLI-VE's label names). A head that `model_config` already has keeps its
-    shape; a new one takes `config.head`.
+    SNLI-VE's label names). Without `records` (memory estimates), a new VQA
+    head gets VQA v2's 3,129 answers. A head that `model_config` already has
+    keeps its shape; a new one takes `config.head`.
+
+    Raises:
+      ValueError: the dataset is not the task's kind, or a VQA `init_from`
+        head orders other answers than the dataset's vocabulary.
     """
     task = config.task
-    check_dataset_task(config, records)
+    if records is not None:
+        check_dataset_task(config, records)
     if task in ("pretrain", "retrieval"):
         return task_config(model_config, task, image_size=config.image_size or None)
     id2label = None
-    if task == "vqa":
+    if task == "vqa" and records is None:
+        id2label = model_config.id2label
+        if model_config.default_head != "vqa":
+            id2label = [f"answer_{index}" for index in range(VQA_V2_ANSWERS)]
+    elif task == "vqa":
         id2label = list(records.answer_vocab or [])
         if not id2label:
             raise ValueError(
                 f"{config.data.dataset} has no answer vocabulary; rebuild it with "
                 "`python -m bt_jax.data build vqa SOURCE --out DIR`."
             )
-    elif getattr(records, "label_names", None):
+        if model_config.default_head == "vqa":
+            _check_head_answers(config, model_config, id2label)
+    elif records is not None and getattr(records, "label_names", None):
         id2label = list(records.label_names)
     head = {}
     if model_config.default_head != task:
@@ -190,6 +205,32 @@ def task_model_config(
         head_dropout=config.head.dropout,
         **head,
     )
+
+
+def _check_head_answers(config, model_config, answers: list[str]) -> None:
+    """Raise ValueError when the VQA head of `init_from` has other answers."""
+    head = [model_config.id2label[index] for index in range(model_config.num_labels)]
+    if head == answers:
+        return
+    order = " in another order" if sorted(head) == sorted(answers) else ""
+    raise ValueError(
+        f"the VQA head of {config.init_from} has {len(head)} answers but "
+        f"{config.data.dataset} has a vocabulary of {len(answers)}{order}; rebuild "
+        "the dataset with `--answer-vocab` set to the checkpoint's config.json, or "
+        "start from a checkpoint without a VQA head."
+    )
+
+
+def check_eval_split(config, records: Records) -> None:
+    """Raise ValueError when a VQA evaluation split has no human answers to score."""
+    if config.task != "vqa" or not len(records):
+        return
+    if not any(records[0].get("answers_per_question", [])):
+        raise ValueError(
+            f"config.data.eval_split={config.data.eval_split} has no answers (a test "
+            "split?); evaluate on val, and write test predictions with "
+            "`python -m train.evaluate`."
+        )
 
 
 def load_model_config(config, heads=()) -> BridgeTowerConfig:
@@ -340,10 +381,19 @@ def load_processor(
         image_processor = processing.BridgeTowerImageProcessor(size=image_size)
     output_size = image_processor.output_shape(image_size, image_size)
     if output_size != (image_size, image_size) and config.image_size:
-        # Fine-tuning at another resolution: the same preprocessing at that size.
-        logger.info("resizing images to %d px for config.image_size", image_size)
+        # Fine-tuning at another resolution. The original resizes the short side
+        # straight to the size and center-crops, with no flooring to a multiple
+        # of 32 that would add black borders at sizes such as 574.
+        logger.info(
+            "resizing images to %d px for config.image_size, as the original "
+            "fine-tuning does",
+            image_size,
+        )
         image_processor = dataclasses.replace(
-            image_processor, size={"shortest_edge": image_size}, crop_size=None
+            image_processor,
+            size={"shortest_edge": image_size},
+            crop_size=None,
+            pipeline="original",
         )
         output_size = image_processor.output_shape(image_size, image_size)
     if output_size != (image_size, image_size):

@@ -21,13 +21,12 @@ Formats and the source layouts they read:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from bt_jax.data import builders
+from bt_jax.data import builders, vqa
 
 
 def positive_int(value: str) -> int:
@@ -72,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--answer-vocab",
         type=Path,
-        help="vqa: JSON list of answers in label order (default: built from the "
-        "train and val annotations)",
+        help="vqa: answers in label order, from a JSON list, a model's config.json "
+        "or folder, or a built VQA dataset (default: built from the train and val "
+        "annotations)",
     )
     build.add_argument(
         "--min-answer-count",
@@ -114,28 +114,7 @@ def _add_stats_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_answer_vocab(path: Path) -> list[str]:
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read the answer vocabulary {path}: {err}") from None
-    if isinstance(vocab, dict):
-        # An answer -> label mapping, as ViLT-style code stores it. The labels
-        # must be 0..N-1 so that no label is renumbered.
-        labels = sorted(
-            vocab.values(), key=lambda label: (type(label) is not int, label)
-        )
-        if labels != list(range(len(vocab))):
-            raise ValueError(
-                f"the labels in {path} must be the integers 0 to {len(vocab) - 1}, "
-                "each used once."
-            )
-        vocab = sorted(vocab, key=vocab.__getitem__)
-    if not isinstance(vocab, list) or not all(isinstance(a, str) for a in vocab):
-        raise ValueError(
-            f"{path} must contain a JSON list of answer strings in label order, or "
-            "an object mapping each answer to its label."
-        )
-    return vocab
+    return vqa.read_answer_list(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,12 @@ order of first appearance. For the 2014 train and val annotations this gives
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -211,3 +214,70 @@ def dense_targets(
     targets = np.zeros((num_answers,), np.float32)
     targets[np.asarray(labels, np.int64)] = np.asarray(scores, np.float32)
     return targets
+
+
+def read_answer_list(path: str | os.PathLike) -> list[str]:
+    """Read a VQA answer list in label order from any file that records one.
+
+    Accepts a JSON list of answers; a model's `config.json` (its `id2label`);
+    a built VQA dataset's `metadata.json` (its `answer_vocab`); an object with
+    a "label2ans" list (the original repository's name); an object mapping
+    each answer to its label 0..N-1; or a folder holding `config.json` or
+    `metadata.json`.
+
+    Raises:
+      ValueError: the file is unreadable, holds none of these, or lists an
+        answer twice.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("config.json", "metadata.json"):
+            if (path / name).is_file():
+                path = path / name
+                break
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the answer list {path}: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("bt_jax"), dict):
+        data = data["bt_jax"]
+    if isinstance(data, dict):
+        if isinstance(data.get("id2label"), dict):
+            table = data["id2label"]
+            try:
+                data = [table[str(index)] for index in range(len(table))]
+            except KeyError:
+                raise ValueError(
+                    f"the id2label of {path} does not number its labels 0.."
+                    f"{len(table) - 1}."
+                ) from None
+        else:
+            for key in ("label2ans", "answer_vocab"):
+                if isinstance(data.get(key), list):
+                    data = data[key]
+                    break
+    if isinstance(data, dict):
+        # An answer -> label mapping; no label may be renumbered.
+        labels = sorted(
+            data.values(), key=lambda label: (type(label) is not int, label)
+        )
+        if labels != list(range(len(data))):
+            raise ValueError(
+                f"the labels in {path} must be the integers 0 to {len(data) - 1}, "
+                "each used once."
+            )
+        data = sorted(data, key=data.__getitem__)
+    if (
+        not isinstance(data, list)
+        or not data
+        or not all(isinstance(answer, str) for answer in data)
+    ):
+        raise ValueError(
+            f"{path} must contain a JSON list of answers in label order, a model "
+            "config.json with id2label, a VQA dataset's metadata.json, or an object "
+            "mapping answers to labels 0..N-1."
+        )
+    repeated = sorted(a for a, n in collections.Counter(data).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{path} lists these answers more than once: {repeated[:5]}")
+    return data

@@ -61,6 +61,12 @@ def classifier(
             [layers.linear(in_features, outputs, ("embed", None), **kwargs)]
         )
     hidden = int(2 * config.hidden_size * config.head_hidden_scale)
+    if hidden < 1:
+        raise ValueError(
+            f"head_hidden_scale={config.head_hidden_scale} gives a classifier "
+            f"hidden width of {hidden} for hidden_size {config.hidden_size}; raise "
+            "it (2 for VQA and SNLI-VE, 1.5 for NLVR2 in the reference recipes)."
+        )
     return nnx.List(
         [
             layers.linear(in_features, hidden, ("embed", "mlp"), **kwargs),
@@ -213,7 +219,7 @@ class BridgeTowerForNLVR2(_TaskModel):
 
     Needs `config.num_token_types=3`: the second image is marked with row 2 of
     the token-type table. Fine-tuning from a pretrained checkpoint starts that
-    row as a copy of row 1 (`bt_jax.modeling.finetune.task_model_from_pretrained`).
+    row as a copy of row 1 (`bt_jax.training.tasks.finetuning_params`).
     """
 
     def _build_head(self, config, *, dtype, param_dtype, rngs):

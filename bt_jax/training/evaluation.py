@@ -192,6 +192,7 @@ class TaskEvaluator:
         answers: Sequence[str] | None = None,
         annotations: dict[int, list[str]] | None = None,
         k_test: int = 128,
+        score_answers: bool = True,
     ):
         if trainer.task == "pretrain":
             raise ValueError(
@@ -208,6 +209,17 @@ class TaskEvaluator:
         self.answers = answers
         self.annotations = annotations
         self.k_test = k_test
+        self.score_answers = score_answers
+        # VQA: `[{"question_id", "answer"}]` of the last evaluation.
+        self.predictions: list[dict] = []
+        if trainer.task == "retrieval" and k_test < max(RECALL_KS):
+            logger.warning(
+                "k_test=%d is below %d, so R@K for K above %d counts only the "
+                "re-ranked candidates",
+                k_test,
+                max(RECALL_KS),
+                k_test,
+            )
         replicated = NamedSharding(trainer.mesh, PartitionSpec())
         in_shardings = (trainer.state_shardings.params, trainer.batch_sharding)
         self._outputs = jax.jit(
@@ -265,6 +277,12 @@ class TaskEvaluator:
             predictions = dict(
                 zip(arrays["question_id"].tolist(), predicted, strict=True)
             )
+            self.predictions = [
+                {"question_id": qid, "answer": answer}
+                for qid, answer in predictions.items()
+            ]
+            if not self.score_answers:
+                return {}
             annotations = {qid: self.annotations[qid] for qid in predictions}
             return evaluation_metrics.vqa_accuracy(predictions, annotations)
         if self.task == "nlvr2":
@@ -341,7 +359,8 @@ def _collect(evaluator, params, batches, steps: int, keep: Sequence[str]):
                 raise ValueError(
                     f"process {jax.process_index()} got no evaluation examples: the "
                     "split is smaller than one block of the evaluation batch per "
-                    "process; lower eval.batch_size."
+                    "process; lower the evaluation batch size (eval.batch_size, or "
+                    "--batch-size of python -m train.evaluate)."
                 )
             batch = {name: value[:1] for name, value in last.items()}
         last = batch

@@ -173,6 +173,15 @@ class RunSettings:
             raise ValueError(
                 f"config.head.layers must be 1 or 2, got {config.head.layers!r}."
             )
+        if not config.head.hidden_scale > 0:
+            raise ValueError(
+                "config.head.hidden_scale must be positive (2 for VQA and SNLI-VE, "
+                f"1.5 for NLVR2 in the reference recipes), got {config.head.hidden_scale!r}."
+            )
+        if not 0 <= config.head.dropout < 1:
+            raise ValueError(
+                f"config.head.dropout must be in [0, 1), got {config.head.dropout!r}."
+            )
         if config.task == "retrieval" and config.objective.mlm_weight:
             raise ValueError(
                 "task=retrieval trains ITC and ITM only; set "

@@ -63,7 +63,8 @@ def task_loss(
 
     Returns:
       The loss and a dict with `loss`, and `vqa_score` (the mean soft score of
-      the top answer, the training-time VQA score) or `accuracy`.
+      the top answer, the training-time VQA score) or `accuracy`, both in
+      percent like the tasks' evaluations.
     """
     ids, mask, pixels = (
         batch["input_ids"],
@@ -75,7 +76,8 @@ def task_loss(
         output = model(ids, mask, pixels, labels=targets, dropout_rng=rng)
         predicted = jnp.argmax(output.logits, axis=-1)
         picked = jnp.take_along_axis(targets, predicted[:, None], axis=-1)[:, 0]
-        return output.loss, {"loss": output.loss, "vqa_score": jnp.mean(picked)}
+        score = 100.0 * jnp.mean(picked)
+        return output.loss, {"loss": output.loss, "vqa_score": score}
     if task == "nlvr2":
         output = model(
             ids,
@@ -89,8 +91,8 @@ def task_loss(
         output = model(ids, mask, pixels, labels=batch["labels"], dropout_rng=rng)
     else:
         raise ValueError(f"task_loss has no loss for task={task!r}; use {TASK_HEADS}.")
-    accuracy = jnp.mean(jnp.argmax(output.logits, axis=-1) == batch["labels"])
-    return output.loss, {"loss": output.loss, "accuracy": accuracy}
+    correct = jnp.argmax(output.logits, axis=-1) == batch["labels"]
+    return output.loss, {"loss": output.loss, "accuracy": 100.0 * jnp.mean(correct)}
 
 
 def task_config(

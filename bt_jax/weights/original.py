@@ -66,9 +66,7 @@ loading fail with a message that names it.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -895,41 +893,12 @@ def _task_labels(config, head, outputs, answers) -> dict[int, str]:
 
 
 def read_answers(path: str | os.PathLike) -> list[str]:
-    """Read a VQA answer list in label order.
+    """Read a VQA answer list in label order (`bt_jax.data.vqa.read_answer_list`).
 
-    Accepts a JSON list of answers; an object with a "label2ans" or
-    "answer_vocab" list (the latter is what a bt-jax VQA dataset's
-    `metadata.json` stores, and a dataset folder works too); or an object that
-    maps each answer to its label 0..N-1.
+    Accepts a JSON list, a model's `config.json`, a VQA dataset's
+    `metadata.json`, an object with a "label2ans" list or an answer -> label
+    mapping, or a folder with one of these files.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metadata.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read the answer list {path}: {err}") from None
-    if isinstance(data, dict):
-        for key in ("label2ans", "answer_vocab"):
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-    labels = data.values() if isinstance(data, dict) else ()
-    if all(type(label) is int for label in labels) and set(labels) == set(
-        range(len(data))
-    ):
-        data = sorted(data, key=data.__getitem__)  # an answer -> label mapping
-    if (
-        not isinstance(data, list)
-        or not data
-        or not all(isinstance(a, str) for a in data)
-    ):
-        raise ValueError(
-            f"{path} must contain a JSON list of answers in label order, an object "
-            "with a 'label2ans' or 'answer_vocab' list, or an object mapping answers "
-            "to labels 0..N-1."
-        )
-    repeated = sorted(a for a, n in collections.Counter(data).items() if n > 1)
-    if repeated:
-        raise ValueError(f"{path} lists these answers more than once: {repeated[:5]}")
-    return data
+    from bt_jax.data.vqa import read_answer_list
+
+    return read_answer_list(path)
