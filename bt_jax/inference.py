@@ -1,4 +1,5 @@
-"""Inference for notebooks and scripts: matching, similarity, retrieval and fill-mask.
+"""Inference for notebooks and scripts: matching, similarity, retrieval, fill-mask,
+and the answers of fine-tuned VQA, NLVR2 and SNLI-VE models.
 
 `Predictor` wraps a model and its processor. It takes raw inputs (PIL images,
 arrays, file paths, strings), preprocesses them on the host, and runs jitted
@@ -21,6 +22,9 @@ Which methods work depends on the heads the checkpoint stores:
 | `similarity`, `encode_*`, `index_*`  | itc   |
 | `retrieve_*`                         | itc, or itm alone (every pair is scored) |
 | `fill_mask`                          | mlm   |
+| `answer`                             | vqa   |
+| `nlvr2`                              | nlvr2 |
+| `entailment`                         | snli-ve |
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from bt_jax import hub
-from bt_jax.config import TASK_HEADS
 from bt_jax.modeling import (
     BridgeTowerForContrastiveLearning,
     BridgeTowerForImageAndTextRetrieval,
     BridgeTowerForMaskedLM,
+    BridgeTowerForNLVR2,
     BridgeTowerForPreTraining,
+    BridgeTowerForVisualEntailment,
+    BridgeTowerForVisualQuestionAnswering,
 )
 from bt_jax.processing import (
     BridgeTowerProcessor,
@@ -74,6 +80,14 @@ class Match:
     score: float
     similarity: float | None = None
     match_probability: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One class of a fine-tuned head (a VQA answer, an SNLI-VE label)."""
+
+    label: str
+    probability: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +138,9 @@ def _heads_of(model: nnx.Module) -> tuple[str, ...]:
         (BridgeTowerForMaskedLM, "mlm"),
         (BridgeTowerForImageAndTextRetrieval, "itm"),
         (BridgeTowerForContrastiveLearning, "itc"),
+        (BridgeTowerForVisualQuestionAnswering, "vqa"),
+        (BridgeTowerForNLVR2, "nlvr2"),
+        (BridgeTowerForVisualEntailment, "snli-ve"),
     ):
         if isinstance(model, cls):
             return (head,)
@@ -197,18 +214,11 @@ class Predictor:
             )
         if head is None:
             head = hub.checkpoint_head(path)
-            if head in TASK_HEADS:
-                raise ValueError(
-                    f"{path} holds a fine-tuned {head} model, and the Predictor "
-                    "runs the MLM, ITM and ITC heads; load it with "
-                    "bt_jax.from_pretrained and call the model, or score a dataset "
-                    "with `python -m train.evaluate`."
-                )
             if head == "model":
                 raise ValueError(
-                    f"{path} stores no task head (MLM, ITM or ITC), and the Predictor "
-                    "needs at least one; use a checkpoint with heads, such as "
-                    "bridgetower-large-itm-mlm-itc."
+                    f"{path} stores no task head (MLM, ITM, ITC or a fine-tuned one), "
+                    "and the Predictor needs at least one; use a checkpoint with "
+                    "heads, such as bridgetower-large-itm-mlm-itc."
                 )
         processor = BridgeTowerProcessor.from_pretrained(path, **processor_overrides)
         model, _ = hub.from_pretrained(path, head=head, dtype=dtype)
@@ -252,6 +262,14 @@ class Predictor:
             logits = model(input_ids, attention_mask, pixel_values).logits
         probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         return jax.lax.top_k(probabilities, top_k.shape[0])
+
+    @staticmethod
+    def _classify_body(model, input_ids, attention_mask, pixel_values):
+        return model(input_ids, attention_mask, pixel_values).logits
+
+    @staticmethod
+    def _nlvr2_body(model, input_ids, attention_mask, pixel_values, pixel_values_2):
+        return model(input_ids, attention_mask, pixel_values, pixel_values_2).logits
 
     @staticmethod
     def _text_embeds_body(model, input_ids, attention_mask):
@@ -414,6 +432,89 @@ class Predictor:
             pixels = self._pixels(images[part], part.start)
             outputs.append(self._run("itm", len(ids), ids, mask, pixels))
         return np.concatenate(outputs).astype(np.float32)
+
+    # ------------------------------------------------------- fine-tuned heads
+
+    def answer(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        questions: str | Sequence[str],
+        *,
+        top_k: int = 3,
+    ) -> list[list[Prediction]]:
+        """Return the `top_k` answers of a VQA model to (images[i], questions[i]).
+
+        A single image or question is paired with every item of the other. An
+        answer's probability is the sigmoid of its logit: the head is trained
+        with one binary target per answer, so they need not sum to 1.
+        """
+        self._require("vqa", "answer")
+        _check_count("top_k", top_k)
+        logits = self._classify(images, questions, "Answering")
+        return self._top_labels(jax.nn.sigmoid(logits), top_k)
+
+    def entailment(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        hypotheses: str | Sequence[str],
+    ) -> list[dict[str, float]]:
+        """Return an SNLI-VE model's class probabilities for (images[i], hypotheses[i])."""
+        self._require("snli-ve", "entailment")
+        probabilities = jax.nn.softmax(
+            self._classify(images, hypotheses, "Classifying"), axis=-1
+        )
+        return [
+            {label: float(row[index]) for index, label in self._labels().items()}
+            for row in np.asarray(probabilities)
+        ]
+
+    def nlvr2(
+        self,
+        left_images: ImageInput | Sequence[ImageInput],
+        right_images: ImageInput | Sequence[ImageInput],
+        sentences: str | Sequence[str],
+    ) -> np.ndarray:
+        """Return the probability that sentences[i] is true of the image pair i, `(N,)`."""
+        self._require("nlvr2", "nlvr2")
+        left, sentences = _pairs(_image_list(left_images), self._texts(sentences))
+        right, _ = _pairs(_image_list(right_images), sentences)
+        if len(right) != len(left):
+            raise ValueError(
+                f"got {len(left)} left and {len(right)} right images for "
+                f"{len(sentences)} sentences; give one pair per sentence."
+            )
+        outputs = []
+        for part in self._batches(len(sentences), "Classifying"):
+            ids, mask = self._tokens(sentences[part])
+            pixels = self._pixels(left[part], part.start)
+            pixels_2 = self._pixels(right[part], part.start)
+            outputs.append(self._run("nlvr2", len(ids), ids, mask, pixels, pixels_2))
+        logits = np.concatenate(outputs).astype(np.float32)
+        return np.asarray(jax.nn.softmax(logits, axis=-1))[:, 1]
+
+    def _classify(self, images, texts, description: str) -> np.ndarray:
+        images, texts = _pairs(_image_list(images), self._texts(texts))
+        outputs = []
+        for part in self._batches(len(texts), description):
+            ids, mask = self._tokens(texts[part])
+            pixels = self._pixels(images[part], part.start)
+            outputs.append(self._run("classify", len(ids), ids, mask, pixels))
+        return np.concatenate(outputs).astype(np.float32)
+
+    def _labels(self) -> dict[int, str]:
+        config = self.model.config
+        if config.id2label is not None:
+            return config.id2label
+        return {index: f"class_{index}" for index in range(3)}
+
+    def _top_labels(self, scores, top_k: int) -> list[list[Prediction]]:
+        labels = self._labels()
+        scores = np.asarray(scores)
+        top = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]
+        return [
+            [Prediction(labels[int(index)], float(row[index])) for index in order]
+            for row, order in zip(scores, top, strict=True)
+        ]
 
     def match(
         self,

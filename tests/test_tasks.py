@@ -14,11 +14,23 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import make_batch, save_torch_model, tiny_config, torch_model
+from helpers import (
+    make_batch,
+    sample_config,
+    save_torch_model,
+    tiny_config,
+    torch_model,
+)
 
-from bt_jax import hub, losses
+from bt_jax import hub, losses, samples
 from bt_jax.config import BridgeTowerConfig
+from bt_jax.inference import Predictor
 from bt_jax.modeling import create_model
+from bt_jax.processing import (
+    BridgeTowerImageProcessor,
+    BridgeTowerProcessor,
+    train_tokenizer,
+)
 from bt_jax.training.tasks import adapt_backbone, finetuning_params, task_config
 
 ATOL = 1e-5
@@ -234,3 +246,54 @@ def test_task_heads_reject_bad_configs_and_inputs():
         model(jnp.asarray(batch["input_ids"]), None, jnp.asarray(batch["pixel_values"]))
     with pytest.raises(ValueError, match="answer vocabulary of the data"):
         losses.vqa_loss(jnp.zeros((2, 5)), jnp.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("task", ["vqa", "snli-ve", "nlvr2"])
+def test_predictor_scores_fine_tuned_heads_like_the_model(task, tmp_path):
+    photos = samples.load_samples()[:3]
+    texts = ["what is in the picture?", "a photo of coins", "the clock is red"]
+    config = BridgeTowerConfig.from_dict(sample_config())
+    config = task_config(config, task, id2label=ANSWERS if task == "vqa" else None)
+    model = create_model(config, task, seed=5)
+    directory = tmp_path / task
+    hub.save_pretrained(model, nnx.state(model, nnx.Param), directory)
+    captions = [
+        caption for photo in samples.load_samples() for caption in photo.captions
+    ]
+    train_tokenizer(captions, directory, vocab_size=1000)
+    BridgeTowerImageProcessor(size=config.vision_config.image_size).save_pretrained(
+        directory
+    )
+    predictor = Predictor.from_pretrained(directory, batch_size=4, progress=False)
+    images = [str(photo.path()) for photo in photos]
+
+    # The model run directly on the processor's inputs is the reference.
+    processor = BridgeTowerProcessor.from_pretrained(directory)
+    inputs = processor(images=images, text=texts, padding=True)
+    ids = jnp.asarray(inputs["input_ids"])
+    mask = jnp.asarray(inputs["attention_mask"])
+    pixels = jnp.asarray(inputs["pixel_values"])
+    if task == "vqa":
+        logits = np.asarray(model(ids, mask, pixels).logits)
+        expected = 1 / (1 + np.exp(-logits))
+        answers = predictor.answer(images, texts, top_k=2)
+        for row, predictions in zip(expected, answers, strict=True):
+            best = np.argsort(-row)[:2]
+            assert [p.label for p in predictions] == [ANSWERS[i] for i in best]
+            np.testing.assert_allclose(
+                [p.probability for p in predictions], row[best], atol=1e-5
+            )
+    elif task == "snli-ve":
+        logits = np.asarray(model(ids, mask, pixels).logits)
+        expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        result = predictor.entailment(images, texts)
+        for row, probabilities in zip(expected, result, strict=True):
+            np.testing.assert_allclose(list(probabilities.values()), row, atol=1e-5)
+    else:
+        right = images[::-1]
+        pixels_2 = jnp.asarray(processor(images=right, text=texts)["pixel_values"])
+        logits = np.asarray(model(ids, mask, pixels, pixels_2).logits)
+        expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        np.testing.assert_allclose(
+            predictor.nlvr2(images, right, texts), expected[:, 1], atol=1e-5
+        )
