@@ -113,25 +113,37 @@ def backbone_flops(
             f"the backbone runs one CLIP block per text layer ({text_layers}), but "
             f"vision_config has only {vision['num_hidden_layers']}."
         )
-    cross_layers = config["num_hidden_layers"]
-    tokens = image_tokens(config, image_size)
-    text_width, vision_width = text["hidden_size"], vision["hidden_size"]
-    intermediate = text["intermediate_size"]
-
-    total = text_layers * _encoder_layer_flops(length, text_width, intermediate)
+    total = text_flops(config, length)
     total += vision_flops(config, image_size)
-    total += cross_layers * (
-        linear_flops(length, text_width, width)
-        + linear_flops(tokens, vision_width, width)
-    )
-    total += cross_layers * (
-        _cross_layer_flops(length, tokens, width, intermediate)
-        + _cross_layer_flops(tokens, length, width, intermediate)
-    )
-    total += 2 * linear_flops(1, width, width)  # the two poolers
+    total += cross_modal_flops(config, length, image_size)
     if not pooled:
         total -= _unpooled_tail_flops(config, length, image_size)
     return total
+
+
+def text_flops(config: dict, length: int) -> int:
+    """Return the matmul FLOPs of the text encoder for one text of `length` tokens."""
+    text = config["text_config"]
+    return text["num_hidden_layers"] * _encoder_layer_flops(
+        length, text["hidden_size"], text["intermediate_size"]
+    )
+
+
+def cross_modal_flops(config: dict, length: int, image_size: int | None = None) -> int:
+    """Return the matmul FLOPs of the bridges, cross-modal layers and poolers for one pair."""
+    text, vision = config["text_config"], config["vision_config"]
+    width, intermediate = config["hidden_size"], text["intermediate_size"]
+    tokens = image_tokens(config, image_size)
+    layers = config["num_hidden_layers"]
+    total = layers * (
+        linear_flops(length, text["hidden_size"], width)
+        + linear_flops(tokens, vision["hidden_size"], width)
+    )
+    total += layers * (
+        _cross_layer_flops(length, tokens, width, intermediate)
+        + _cross_layer_flops(tokens, length, width, intermediate)
+    )
+    return total + 2 * linear_flops(1, width, width)  # the two poolers
 
 
 def head_flops(config: dict, head: str, length: int) -> int:

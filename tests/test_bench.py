@@ -176,3 +176,34 @@ def test_torch_optimizer_settings_match_bt_jax():
         expected = optim.learning_rate_schedule(reference)(step)
         actual = reference.learning_rate * settings.schedule_factor(step)
         assert abs(float(expected) - actual) < 1e-12, step
+
+
+def test_flops_parts_sum_to_backbone():
+    # backbone_flops is checked against PyTorch's FLOP counter above.
+    parts = (
+        flops.text_flops(TINY, 9)
+        + flops.vision_flops(TINY)
+        + flops.cross_modal_flops(TINY, 9)
+    )
+    assert parts == flops.backbone_flops(TINY, 9)
+
+
+def test_step_parts_times_every_part(capsys):
+    from bench import step_parts
+
+    assert (
+        step_parts.main(["--size=tiny", "--batch=1", "--repeats=1", "--peak-size=64"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    names = [line[:32].strip() for line in lines[2:]]
+    assert names == [
+        "vision encoder, B images",
+        "text encoder, 3B texts",
+        "cross-modal tower, 4B pairs",
+        "same, gathering the images",
+    ]
+    for line in lines[2:]:
+        seconds, work = (float(value) for value in line[32:].split()[:2])
+        assert seconds > 0
+        assert work > 0

@@ -215,9 +215,11 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
         parts.append((negative_ids, negative_mask, images[:, order]))
 
     # NOTE: on a 2-core CPU this fused step reached 41% of the float32 matmul
-    # peak, against 62% for separate passes (bench/RESULTS.md). The cause is
-    # not measured; the gathers and concatenations of every layer's states
-    # below, and their backward passes, are suspects.
+    # peak, against 62% for separate passes (bench/RESULTS.md). Per
+    # `python -m bench.step_parts`, the cross-modal tower on the 4B pairs takes
+    # most of the time at 58% of peak, and the gather below costs nothing
+    # measurable; fusing removes the vision encoder's matmuls, the ones XLA
+    # runs best (73%).
     image_states = jnp.concatenate([part[2] for part in parts], axis=1)
     trace = backbone.forward_trace(
         jnp.concatenate([part[0] for part in parts]),
