@@ -103,12 +103,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     annotated = True
     if args.task == "vqa":
         answers = list(records.answer_vocab or [])
-        heads_answers = [config.id2label[i] for i in range(config.num_labels or 0)]
-        if answers != heads_answers:
+        head_answers = [config.id2label[i] for i in range(config.num_labels or 0)]
+        if answers != head_answers:
             raise ValueError(
-                f"the VQA head of {args.model} has {len(heads_answers)} answers but "
+                f"the VQA head of {args.model} has {len(head_answers)} answers but "
                 f"{args.dataset} has an answer vocabulary of {len(answers)}"
-                + (" in another order" if len(answers) == len(heads_answers) else "")
+                + (" in another order" if len(answers) == len(head_answers) else "")
                 + "; build the dataset with the model's answer list "
                 "(`python -m bt_jax.data build vqa SRC --out DIR --answer-vocab FILE`)."
             )
@@ -179,11 +179,11 @@ def _check_model_task(args: argparse.Namespace, head: str) -> None:
     else:
         fits = head == args.task
     if not fits:
-        wanted = (
+        required = (
             "ITM and ITC heads" if args.task == "retrieval" else f"a {args.task} head"
         )
         raise ValueError(
-            f"--task {args.task} needs {wanted}, but {args.model} holds a {head} "
+            f"--task {args.task} needs {required}, but {args.model} holds a {head} "
             "model; pass the task it was fine-tuned for."
         )
 

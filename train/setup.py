@@ -139,7 +139,7 @@ def make_trainer(config, settings, model_config, mesh) -> Trainer:
 
 
 def heads_of(config, settings) -> tuple[str, ...]:
-    """The heads a run trains: its task's, or the objectives' for (pre)training."""
+    """Return the heads a run trains: its task's, or the objectives' for (pre)training."""
     if config.task in ("pretrain", "retrieval"):
         return settings.objective.heads
     return (config.task,)
