@@ -24,7 +24,7 @@ for another dataset size or batch.
 
 NOTE: the original also augments the training images (its `blip_randaug_wc`
 transform, RandAugment-style); bt-jax's pipeline does not augment, so results
-may fall short of the paper's. Whether they do was not measured.
+may fall short of the original runs'. Whether they do was not measured.
 
 Fields people change:
   init_from, data.dataset, data.train_split, data.eval_split: the inputs.

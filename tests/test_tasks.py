@@ -197,7 +197,7 @@ def test_finetuning_params_resample_positions_like_torch(backbone):
     np.testing.assert_allclose(trace.pooler_output, expected.numpy(), atol=ATOL)
 
 
-def test_adapt_backbone_copies_row_one_into_new_token_types():
+def test_adapt_backbone_grows_token_types():
     config = BridgeTowerConfig.from_dict(tiny_config())
     table = np.arange(2 * 4, dtype=np.float32).reshape(2, 4)
     adapted = adapt_backbone(

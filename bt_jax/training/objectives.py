@@ -218,8 +218,8 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
     # peak, against 62% for separate passes (bench/RESULTS.md). Per
     # `python -m bench.step_parts`, the cross-modal tower on the 4B pairs takes
     # most of the time at 58% of peak, and the gather below costs nothing
-    # measurable; fusing removes the vision encoder's matmuls, the ones XLA
-    # runs best (73%).
+    # measurable. Fusing removes the vision encoder's matmuls, which XLA runs
+    # best (73% of peak), so the step's share of peak falls.
     image_states = jnp.concatenate([part[2] for part in parts], axis=1)
     trace = backbone.forward_trace(
         jnp.concatenate([part[0] for part in parts]),

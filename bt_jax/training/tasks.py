@@ -178,7 +178,7 @@ def finetuning_params(
     """Return the parameters (a plain nested dict) of `head` on `target`, from a checkpoint.
 
     The backbone comes from the checkpoint at `path`, fitted to `target` by
-    `adapt_backbone`. Head weights come from the checkpoint when it holds the
+    `adapt_backbone`. Head weights come from the checkpoint when it contains the
     same head with the same shapes (resuming a fine-tuned model), and start
     from the model's initialisation otherwise, with a log line naming them.
 
