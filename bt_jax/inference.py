@@ -119,6 +119,32 @@ def bucket_size(n: int, *, minimum: int = 1, maximum: int | None = None) -> int:
     return size if maximum is None else min(size, maximum)
 
 
+def jit_model_function(graphdef, body: Callable) -> Callable:
+    """Jit `body(model, *args)` as a function of the model's state and `args`."""
+
+    def run(state, *args):
+        return body(nnx.merge(graphdef, state), *args)
+
+    return jax.jit(run)
+
+
+def bucketed_tokens(
+    processor: BridgeTowerProcessor, texts: Sequence[str], *, pad_id: int, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise (truncating silently to `limit`) and pad to the length's bucket.
+
+    The bucket is a power of two from `MIN_TEXT_BUCKET` up to `limit`.
+    """
+    encoded = processor.tokenize(list(texts), padding=True, truncation=True)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    length = bucket_size(ids.shape[1], minimum=MIN_TEXT_BUCKET, maximum=limit)
+    padded_ids = np.full((ids.shape[0], length), pad_id, np.int32)
+    padded_mask = np.zeros((ids.shape[0], length), np.int32)
+    padded_ids[:, : ids.shape[1]] = ids
+    padded_mask[:, : ids.shape[1]] = mask
+    return padded_ids, padded_mask
+
+
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -237,13 +263,8 @@ class Predictor:
     def _function(self, name: str) -> Callable:
         """Return the jitted function `name`, built on first use."""
         if name not in self._jitted:
-            graphdef = self._graphdef
             body = getattr(self, f"_{name}_body")
-
-            def run(state, *args):
-                return body(nnx.merge(graphdef, state), *args)
-
-            self._jitted[name] = jax.jit(run)
+            self._jitted[name] = jit_model_function(self._graphdef, body)
         return self._jitted[name]
 
     @staticmethod
@@ -291,16 +312,9 @@ class Predictor:
 
     def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Tokenise (truncating silently) and pad the length to its bucket."""
-        encoded = self.processor.tokenize(list(texts), padding=True, truncation=True)
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        length = bucket_size(
-            ids.shape[1], minimum=MIN_TEXT_BUCKET, maximum=self.max_text_length
+        return bucketed_tokens(
+            self.processor, texts, pad_id=self._pad_id, limit=self.max_text_length
         )
-        padded_ids = np.full((ids.shape[0], length), self._pad_id, np.int32)
-        padded_mask = np.zeros((ids.shape[0], length), np.int32)
-        padded_ids[:, : ids.shape[1]] = ids
-        padded_mask[:, : ids.shape[1]] = mask
-        return padded_ids, padded_mask
 
     def _pixels(self, images: Sequence[ImageInput], first_index: int) -> np.ndarray:
         processed = self.processor.image_processor(

@@ -148,6 +148,10 @@ def test_quickstart_runs_on_tiny_checkpoint(tmp_path, monkeypatch):
         assert image.width > MIN_FIGURE_SIDE
         assert image.height > MIN_FIGURE_SIDE
     assert _has_png_display(notebook), "the notebook displayed no PNG figure"
+    embeddings_figure = figure.with_name("quickstart-embeddings.png")
+    with Image.open(embeddings_figure) as image:
+        assert image.format == "PNG"
+        assert min(image.size) > MIN_FIGURE_SIDE
 
     text = _stream_text(notebook)
     photos = load_samples()
@@ -161,3 +165,6 @@ def test_quickstart_runs_on_tiny_checkpoint(tmp_path, monkeypatch):
     assert re.search(text_to_image, text), (
         f"no line matching {text_to_image!r} in:\n{text}"
     )
+    embedded = f"{caption_count} pairs embedded, 0 skipped"
+    assert embedded in text, f"no line with {embedded!r} in:\n{text}"
+    assert re.search(r"  1\. [+-]\d\.\d{3}  \w+", text), f"no search result in:\n{text}"

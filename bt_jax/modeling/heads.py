@@ -273,6 +273,25 @@ class _ContrastiveEncoders:
             )
         )
 
+    def encode_pairs(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        pixel_values: jax.Array,
+        *,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Return the `(text, image, cross)` L2-normalised ITC embeddings of pairs.
+
+        Each is `(batch, dim)` and equal to the `text_embeds`, `image_embeds` and
+        `cross_embeds` of the contrastive head's forward pass. The cross (joint)
+        embedding runs the cross-modal tower, so it costs a full forward pass.
+        """
+        trace = self._trace(
+            input_ids, attention_mask, pixel_values, interpolate_pos_encoding, None
+        )
+        return self._contrastive_embeds(trace)
+
 
 class BridgeTowerForMaskedLM(_HeadModel):
     """Masked language modelling on the cross-modal text stream."""
