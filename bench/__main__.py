@@ -237,9 +237,17 @@ def missing_itc_sizes(size: str) -> dict:
     return {k: v for k, v in ITC_DEFAULTS.items() if config.get(k) is None}
 
 
-def make_checkpoint(size: str, work_dir: Path) -> Path:
-    """Write (or reuse) a random MLM + ITM + ITC checkpoint of a model preset."""
-    directory = work_dir / f"{size}-mlm-itm-itc"
+def make_checkpoint(
+    size: str, work_dir: Path, *, head: str = "mlm+itm+itc", processor: bool = False
+) -> Path:
+    """Write (or reuse) a random checkpoint of a model preset with `head`.
+
+    `processor` adds `init-random --processor`'s files: preprocessor_config.json
+    at the preset's image size and a byte-level BPE tokenizer trained on the
+    sample captions, which needs a vocabulary of at least 300 tokens.
+    """
+    name = f"{size}-{head.replace('+', '-')}{'-processor' if processor else ''}"
+    directory = work_dir / name
     if (directory / "config.json").is_file():
         logger.info("reusing the random %s checkpoint in %s", size, directory)
         return directory
@@ -247,7 +255,8 @@ def make_checkpoint(size: str, work_dir: Path) -> Path:
     config = {**_preset_dict(size), **missing_itc_sizes(size)}
     preset = work_dir / f"{size}_preset.py"
     preset.write_text(
-        f'"""configs/{size}.py with ITC head sizes, written by python -m bench."""\n\n'
+        f'"""configs/{size}.py with ITC head sizes, written by '
+        'bench.__main__.make_checkpoint."""\n\n'
         "import json\n\n\ndef get_config():\n"
         f"    return json.loads({json.dumps(config)!r})\n"
     )
@@ -255,7 +264,9 @@ def make_checkpoint(size: str, work_dir: Path) -> Path:
     logger.info("writing a random %s checkpoint to %s", size, directory)
     started = time.perf_counter()
     command = [sys.executable, "-m", "convert", "init-random"]
-    command += ["--config", str(preset), "--head", "mlm+itm+itc", str(directory)]
+    command += ["--config", str(preset), "--head", head, str(directory)]
+    if processor:
+        command.insert(-1, "--processor")
     result = subprocess.run(
         command,
         cwd=REPO,

@@ -1,20 +1,24 @@
 """Benchmark worker processes and the client that drives them over pipes.
 
-    python -m bench.workers jax|torch
+    python -m bench.workers jax|torch [rows|embed]
 
-A worker imports one framework, then reads one JSON request per line on
-stdin and writes one JSON response per line. Each response has `"ok"`, and
-`"error"` (a traceback) when the request failed. Requests, by `"op"`:
+A worker imports one framework and the runner class of one suite: `rows`
+(the default) for `python -m bench`, `embed` for `python -m bench.embed`.
+Then it reads one JSON request per line on stdin and writes one JSON response
+per line. Each response has `"ok"`, and `"error"` (a traceback) when the
+request failed. Requests, by `"op"`:
 
-- `load`: build the row's model from `checkpoint` on the arrays in the
-  `inputs` .npz file, for `task` ("itm", "itc", "mlm" or "train"). bt-jax
-  compiles here. Returns `compile_seconds` (None for PyTorch).
+- `load`: build the runner for `task` from `checkpoint`. For `rows`, `task` is
+  "itm", "itc", "mlm" or "train" and `inputs` names the .npz file of input
+  arrays; bt-jax compiles here. For `embed`, `options` contains the runner's
+  keyword arguments. Returns `compile_seconds` (None where nothing compiles).
 - `outputs`: save the outputs to compare (see the runners' `reference_outputs`)
   as .npy at `path`.
 - `run`: make `calls` calls back to back; returns `seconds` of each call.
 - `stats`: returns `max_rss_mib` (ru_maxrss), the thread counts, and the last
   training loss.
-- `matmul_peak`: returns the best float32 matmul `gflops` at `size`.
+- `matmul_peak`: returns the best float32 matmul `gflops` at `size` (`rows`
+  runners only).
 - `exit`: the worker stops.
 
 Libraries sometimes print to stdout, so the worker moves its stdout to a
@@ -23,6 +27,7 @@ private file descriptor and points descriptor 1 at stderr.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -37,6 +42,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("jax", "torch")
+# Runner classes, "module:class", by suite and framework. Each module imports
+# only its own framework.
+RUNNERS = {
+    "rows": {
+        "jax": "bench.jax_runner:JaxRunner",
+        "torch": "bench.torch_runner:TorchRunner",
+    },
+    "embed": {
+        "jax": "bench.jax_embed_runner:JaxEmbedRunner",
+        "torch": "bench.torch_embed_runner:TorchEmbedRunner",
+    },
+}
 
 # Environment of the workers and of `convert init-random`: JAX on the CPU even
 # where an accelerator exists (PyTorch runs on the CPU), and no network access
@@ -77,10 +94,12 @@ class _Server:
     def handle(self, request: dict) -> dict:
         op = request.get("op")
         if op == "load":
-            with np.load(request["inputs"]) as data:
-                inputs = {key: data[key] for key in data.files}
+            arguments = dict(request.get("options", {}))
+            if "inputs" in request:
+                with np.load(request["inputs"]) as data:
+                    arguments["inputs"] = {key: data[key] for key in data.files}
             self.runner = self.runner_class(
-                request["task"], request["checkpoint"], inputs
+                request["task"], request["checkpoint"], **arguments
             )
             return {"compile_seconds": self.runner.compile_seconds}
         if op == "outputs":
@@ -117,15 +136,13 @@ class _Server:
         return self.runner
 
 
-def serve(framework: str) -> None:
+def serve(framework: str, suite: str = "rows") -> None:
     """Serve the requests on stdin until `exit` or the end of input."""
     protocol = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    if framework == "jax":
-        from bench.jax_runner import JaxRunner as runner_class
-    else:
-        from bench.torch_runner import TorchRunner as runner_class
+    module, name = RUNNERS[suite][framework].split(":")
+    runner_class = getattr(importlib.import_module(module), name)
     server = _Server(runner_class)
     protocol.write(json.dumps({"ok": True, "pid": os.getpid()}) + "\n")
     for line in sys.stdin:
@@ -149,15 +166,17 @@ def serve(framework: str) -> None:
 class Worker:
     """Client of one worker process; use it as a context manager."""
 
-    def __init__(self, framework: str):
+    def __init__(self, framework: str, suite: str = "rows"):
         if framework not in FRAMEWORKS:
             raise ValueError(
                 f"framework must be one of {FRAMEWORKS}, got {framework!r}"
             )
+        if suite not in RUNNERS:
+            raise ValueError(f"suite must be one of {tuple(RUNNERS)}, got {suite!r}")
         self.framework = framework
         environment = {**os.environ, **WORKER_ENVIRONMENT}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.workers", framework],
+            [sys.executable, "-m", "bench.workers", framework, suite],
             cwd=REPO,
             env=environment,
             stdin=subprocess.PIPE,
@@ -223,6 +242,14 @@ class Worker:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in FRAMEWORKS:
-        sys.exit(f"usage: python -m bench.workers {{{'|'.join(FRAMEWORKS)}}}")
-    serve(sys.argv[1])
+    arguments = sys.argv[1:]
+    if not (
+        len(arguments) in (1, 2)
+        and arguments[0] in FRAMEWORKS
+        and set(arguments[1:]) <= set(RUNNERS)
+    ):
+        sys.exit(
+            f"usage: python -m bench.workers {{{'|'.join(FRAMEWORKS)}}} "
+            f"[{'|'.join(RUNNERS)}]"
+        )
+    serve(*arguments)

@@ -117,6 +117,34 @@ def test_bench_rejects_unknown_row(tmp_path):
     assert "base-itm-b1" in result.stderr
 
 
+def test_embed_bench_quick_writes_report(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.embed", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "EMBED_RESULTS.md").read_text()
+    assert (tmp_path / "embed.png").stat().st_size > 0
+    document = json.loads((tmp_path / "embed.json").read_text())
+    measurements = {row["task"]: row for row in document["measurements"]}
+    assert tuple(measurements) == ("job", "model")
+    for task, name in (("job", "embedding job"), ("model", "model calls only")):
+        row = measurements[task]
+        difference = row["max_abs_diff"]
+        assert difference < 1e-3, (task, difference)
+        assert f"| {name} |" in report
+        assert f"| {difference:.1e} |" in report, task
+        for framework in ("jax", "torch"):
+            rates = row[framework]["pairs_per_second"]
+            assert len(rates) == 1, (task, framework, rates)
+            assert min(rates) > 0, (task, framework, rates)
+            assert row[framework]["max_rss_mib"] > 0, (task, framework)
+
+
 def _count_flops(function, *args) -> int:
     """Count the matmul FLOPs of a PyTorch call, with attention as plain matmuls."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -40,7 +40,12 @@ from bt_jax.embed import (
 )
 from bt_jax.embed.plot import pca
 from bt_jax.processing import BridgeTowerImageProcessor, train_tokenizer
-from tests.helpers import REPO, sample_config, save_multihead_checkpoint
+from tests.helpers import (
+    REPO,
+    run_convert,
+    sample_config,
+    save_multihead_checkpoint,
+)
 
 IMAGE_SIZE = 64
 EMBED_DIM = 512
@@ -144,6 +149,24 @@ def test_embedder_texts_and_images_match_reference(checkpoint, embedder, sample_
     np.testing.assert_allclose(
         embedder.embed_images(images), expected["image"], atol=ATOL, rtol=0
     )
+
+
+def test_embedder_loads_bt_jax_format(checkpoint, embedder, sample_dir, tmp_path):
+    """A checkpoint converted to bt-jax's format gives the reference embeddings."""
+    directory, _ = checkpoint
+    result = run_convert("to-jax", directory, tmp_path / "jax")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = sample_records(sample_dir)[1::6]
+    images = [sample_dir / record["image"] for record in records]
+    texts = [record["caption"] for record in records]
+    expected = reference_embeddings(checkpoint, images, texts)
+
+    actual = Embedder.from_pretrained(tmp_path / "jax", batch_size=4).embed_pairs(
+        images, texts
+    )
+
+    for kind in REFERENCE_NAMES:
+        np.testing.assert_allclose(actual[kind], expected[kind], atol=ATOL, rtol=0)
 
 
 def test_embedder_float16_is_float32_rounded(checkpoint, embedder, sample_dir):
@@ -337,6 +360,40 @@ def test_job_text_kind_needs_no_image(embedder, tmp_path):
     np.testing.assert_allclose(
         np.load(tmp_path / "out" / "text.npy"), embedder.embed_texts(texts), atol=1e-6
     )
+
+
+def test_job_reads_crlf_and_lists_cr_only_lines(embedder, tmp_path):
+    texts = ["a red bicycle", "two dogs", "a bowl of soup"]
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(
+        b"".join(json.dumps({"text": t}).encode() + b"\r\n" for t in texts)
+    )
+    cr_only = tmp_path / "cr.jsonl"
+    cr_only.write_bytes(b"\r".join(json.dumps({"text": t}).encode() for t in texts))
+
+    windows = run_job(embedder, crlf, tmp_path / "crlf", kinds="text")
+    old_mac = run_job(embedder, cr_only, tmp_path / "cr", kinds="text")
+
+    assert (windows.embedded, windows.skipped) == (3, 0)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "crlf" / "text.npy"), embedder.embed_texts(texts), atol=1e-6
+    )
+    assert (old_mac.total, old_mac.embedded, old_mac.skipped) == (1, 0, 1)
+    skipped = json.loads((tmp_path / "cr" / job.SKIPPED).read_text())
+    assert skipped["reason"].startswith("invalid JSON")
+
+
+def test_folder_source_skips_linked_folders(sample_dir, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    image = (sample_dir / "images" / "chelsea.png").read_bytes()
+    (folder / "cats" / "chelsea.png").write_bytes(image)
+    (folder / "cats" / "loop").symlink_to(folder, target_is_directory=True)
+
+    source = open_source(folder)
+
+    assert len(source) == 1
+    assert list(source.raw()) == ["cats/chelsea.png"]
 
 
 def test_job_reads_image_folder(embedder, sample_dir, tmp_path):

@@ -194,10 +194,10 @@ def run(
             embedded_now += _embed_shard(
                 embedder, records, kinds, shards_dir, k, pool, bar, counts
             )
-    seconds = time.perf_counter() - started
     embedded, skipped, truncated = _join(
         out, kinds, count, embedder.dtype, embedder.dim
     )
+    seconds = time.perf_counter() - started
     manifest.update(
         complete=True,
         embedded=embedded,

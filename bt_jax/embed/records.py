@@ -103,9 +103,14 @@ class JsonlSource(_Source):
         self._digest = digest.hexdigest()
 
     def raw(self) -> Iterator[str]:
-        """Yield each line's text, unparsed, so skipping a position is cheap."""
-        with self.path.open(encoding="utf-8", errors="replace") as file:
-            yield from file
+        """Yield each line's text, unparsed, so skipping a position is cheap.
+
+        Lines end at "\n" only, as they are counted; a lone "\r" stays inside its
+        line (and makes it invalid JSON) instead of shifting every position.
+        """
+        with self.path.open("rb") as file:
+            for line in file:
+                yield line.decode("utf-8", errors="replace")
 
     def parse(self, position: int, raw: str) -> Record | Invalid:
         where = f"line-{position + 1}"
@@ -168,7 +173,8 @@ class FolderSource(_Source):
             if entry.name.startswith("."):
                 continue
             relative = f"{prefix}{entry.name}"
-            if entry.is_dir():
+            # Linked folders are not followed, so a link loop cannot recurse forever.
+            if entry.is_dir(follow_symlinks=False):
                 yield from self._walk(Path(entry.path), relative + "/")
             elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
                 yield relative
