@@ -202,7 +202,7 @@ class Predictor:
         if processor.max_text_length is None:
             processor.max_text_length = self.max_text_length
         self._pad_id = config.text_config.pad_token_id
-        _check_image_size(processor.image_processor, config.vision_config.image_size)
+        check_image_size(processor.image_processor, config.vision_config.image_size)
         self._graphdef, self._state = nnx.split(model)
         self._jitted: dict[str, Callable] = {}
         self._galleries: collections.OrderedDict[str, Gallery] = (
@@ -352,7 +352,7 @@ class Predictor:
     def encode_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Return L2-normalised ITC image embeddings, `(len(images), dim)` float32."""
         self._require("itc", "encode_images")
-        images = _image_list(images)
+        images = as_image_list(images)
         outputs = []
         for part in self._batches(len(images), "Embedding images"):
             pixels = self._pixels(images[part], part.start)
@@ -367,7 +367,7 @@ class Predictor:
         NOTE: the gallery keeps the inputs, not their pixels, so ITM re-ranking
         decodes and resizes each candidate image again for every query.
         """
-        images = _image_list(images)
+        images = as_image_list(images)
         embeddings = (
             self.encode_images(images)
             if "itc" in self.heads
@@ -436,7 +436,7 @@ class Predictor:
         A single image or a single text is paired with every item of the other.
         """
         self._require("itm", "match")
-        images, texts = _pairs(_image_list(images), self._texts(texts))
+        images, texts = _pairs(as_image_list(images), self._texts(texts))
         return self._match_logits(images, texts)
 
     def _match_logits(self, images: list, texts: list[str]) -> np.ndarray:
@@ -490,8 +490,8 @@ class Predictor:
     ) -> np.ndarray:
         """Return the probability that sentences[i] is true of the image pair i, `(N,)`."""
         self._require("nlvr2", "nlvr2")
-        left, sentences = _pairs(_image_list(left_images), self._texts(sentences))
-        right, _ = _pairs(_image_list(right_images), sentences)
+        left, sentences = _pairs(as_image_list(left_images), self._texts(sentences))
+        right, _ = _pairs(as_image_list(right_images), sentences)
         if len(right) != len(left):
             raise ValueError(
                 f"got {len(left)} left and {len(right)} right images for "
@@ -507,7 +507,7 @@ class Predictor:
         return np.asarray(jax.nn.softmax(logits, axis=-1))[:, 1]
 
     def _classify(self, images, texts, description: str) -> np.ndarray:
-        images, texts = _pairs(_image_list(images), self._texts(texts))
+        images, texts = _pairs(as_image_list(images), self._texts(texts))
         outputs = []
         for part in self._batches(len(texts), description):
             ids, mask = self._tokens(texts[part])
@@ -549,7 +549,7 @@ class Predictor:
         `retrieve_*`, which scores only the contrastive candidates.
         """
         self._require("itm", "match_matrix")
-        images = _image_list(images)
+        images = as_image_list(images)
         texts = self._texts(texts)
         pairs_images = [image for image in images for _ in texts]
         pairs_texts = [text for _ in images for text in texts]
@@ -582,7 +582,7 @@ class Predictor:
         else:
             gallery = self._cached_gallery("text", _gallery_items(texts, "texts"))
         _check_kind(gallery, "text", "retrieve_texts")
-        queries = _image_list(images)
+        queries = as_image_list(images)
         query_embeds = (
             self.encode_images(queries) if gallery.embeddings.shape[1] else None
         )
@@ -717,7 +717,7 @@ class Predictor:
         """
         self._require("mlm", "fill_mask")
         _check_counts(top_k=top_k)
-        images, texts = _pairs(_image_list(images), self._texts(texts))
+        images, texts = _pairs(as_image_list(images), self._texts(texts))
         tokenizer = self.processor.tokenizer
         mask_id = tokenizer.mask_token_id
         results = []
@@ -778,7 +778,7 @@ class Predictor:
         return predictions
 
 
-def _image_list(images) -> list:
+def as_image_list(images) -> list:
     """Turn one image, a list, a generator or a 4-D batch into a list of images."""
     if isinstance(images, (str, os.PathLike, bytes)):
         return [images]
@@ -809,11 +809,11 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def _check_image_size(image_processor, image_size: int) -> None:
+def check_image_size(image_processor, image_size: int, user: str = "Predictor") -> None:
     """Reject preprocessing whose output the model cannot take."""
     if not image_processor.do_center_crop:
         raise ValueError(
-            "the Predictor needs do_center_crop=True: the model takes images of "
+            f"the {user} needs do_center_crop=True: the model takes images of "
             f"exactly {image_size}x{image_size} pixels."
         )
     if image_processor.crop_shape != (image_size, image_size):
@@ -822,7 +822,7 @@ def _check_image_size(image_processor, image_size: int) -> None:
             f"the image processor crops to {height}x{width} but the model takes "
             f"{image_size}x{image_size} images; set crop_size to {image_size} in "
             "preprocessor_config.json, or pass crop_size="
-            f"{image_size} to Predictor.from_pretrained."
+            f"{image_size} to {user}.from_pretrained."
         )
 
 

@@ -30,8 +30,10 @@ Two differences between pipelines matter for the 294 px large checkpoints:
 
 Input images: file paths and encoded bytes are decoded as transformers'
 `load_image` does (EXIF orientation applied, then PIL's `convert("RGB")`, which
-drops any alpha channel). In-memory PIL images and arrays are used as given, as
-the reference processor does with `do_convert_rgb=True`: transparency is
+drops any alpha channel). A transparency key that survives the conversion, as
+in palette GIF and PNG files, is composited onto white when `do_convert_rgb` is
+set, as the reference does. In-memory PIL images and arrays are used as given,
+as the reference processor does with `do_convert_rgb=True`: transparency is
 composited onto white and grayscale is repeated to three channels.
 """
 
@@ -445,7 +447,10 @@ class BridgeTowerImageProcessor:
 
     def _to_rgb(self, image: ImageInput, index: int) -> PIL.Image.Image | np.ndarray:
         if isinstance(image, (str, os.PathLike, bytes)):
-            return load_image(image)
+            # A palette file's transparency key survives load_image's RGB conversion
+            # in `info`, and the reference composites those pixels onto white.
+            decoded = load_image(image)
+            return _composite_on_white(decoded) if self.do_convert_rgb else decoded
         if isinstance(image, PIL.Image.Image):
             _warn_if_rotated(image, index)
             if self.do_convert_rgb:

@@ -9,6 +9,7 @@ transformers' `BridgeTowerForContrastiveLearning`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -344,6 +346,61 @@ def test_job_skips_and_lists_bad_records(checkpoint, embedder, sample_dir, tmp_p
     )
 
 
+def test_jsonl_source_edge_cases(embedder, tmp_path):
+    """A byte order mark, a null id, a position field, invalid UTF-8, null text."""
+    source = tmp_path / "records.jsonl"
+    source.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps({"text": "first", "id": None, "position": "mine"}).encode()
+        + b"\n"
+        + b'{"text": "caf\xe9"}\n'
+        + json.dumps({"text": None, "caption": "the caption"}).encode()
+        + b"\n"
+    )
+
+    result = run_job(embedder, source, tmp_path / "out", kinds="text")
+
+    assert (result.embedded, result.skipped) == (2, 1)
+    rows = [json.loads(line) for line in (tmp_path / "out" / job.IDS).open()]
+    assert [(row["id"], row["position"], row["text"]) for row in rows] == [
+        ("line-1", 0, "first"),
+        ("line-3", 2, "the caption"),
+    ]
+    skipped = json.loads((tmp_path / "out" / job.SKIPPED).read_text())
+    assert skipped["reason"].startswith("invalid UTF-8")
+    array = tmp_path / "array.json"
+    array.write_text('[\n  {"text": "a"}\n]\n')
+    with pytest.raises(ValueError, match="looks like a JSON array, not JSON Lines"):
+        open_source(array)
+
+
+def test_folder_source_non_utf8_name(embedder, sample_dir, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")
+    (folder / name).write_bytes((sample_dir / "images" / "coffee.png").read_bytes())
+
+    result = run_job(embedder, folder, tmp_path / "out", kinds="image")
+
+    assert result.embedded == 1
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / job.IDS).open()]
+    assert row["id"] == name
+
+
+def test_embedder_takes_one_pair_and_bytes(embedder, sample_dir):
+    path = sample_dir / "images" / "chelsea.png"
+    text = "A close up of a tabby cat's face with green eyes."
+
+    one = embedder.embed_pairs(path, text)
+    listed = embedder.embed_pairs([path], [text])
+
+    assert one.joint.shape == (1, EMBED_DIM)
+    np.testing.assert_array_equal(one.joint, listed.joint)
+    np.testing.assert_array_equal(
+        embedder.embed_images(path.read_bytes()), embedder.embed_images([path])
+    )
+
+
 def test_job_text_kind_needs_no_image(embedder, tmp_path):
     long_text = "a very long caption " * 40  # over the model's token limit
     texts = ["a red bicycle", "two dogs", long_text]
@@ -474,7 +531,10 @@ def test_job_rejects_other_settings_and_foreign_folders(embedder, sample_dir, tm
     (out / job.SHARDS).mkdir(parents=True)
     job._write_json(
         out / job.MANIFEST,
-        {"settings": {"kinds": ["text"], "shard_size": 1024}, "complete": False},
+        {
+            "settings": {"format": job.FORMAT_VERSION, "kinds": ["text"]},
+            "complete": False,
+        },
     )
     with pytest.raises(SettingsMismatchError, match=r"kinds: \['text'\] there"):
         run_job(embedder, source, out)
@@ -485,11 +545,52 @@ def test_job_rejects_other_settings_and_foreign_folders(embedder, sample_dir, tm
     other = tmp_path / "other"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"holds no manifest\.json"):
+    (other / "manifest.json").write_text('{"name": "my web app"}')
+    with pytest.raises(FileExistsError, match="is not an embedding job's folder"):
         run_job(embedder, source, other)
-    with pytest.raises(FileExistsError, match="not an embedding job's folder"):
+    with pytest.raises(FileExistsError, match="is not an embedding job's folder"):
         run_job(embedder, source, other, overwrite=True)
     assert (other / "precious.txt").read_text() == "keep me"
+
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    records = write_jsonl(inside / "records.jsonl", [{"text": "a cat"}])
+    with pytest.raises(ValueError, match="is inside the output folder"):
+        run_job(embedder, records, inside, kinds="text", overwrite=True)
+    assert records.is_file()
+
+
+def test_job_rejects_changed_weights_and_folder_files(
+    checkpoint, embedder, sample_dir, tmp_path
+):
+    directory, _ = checkpoint
+    source = sample_dir / "captions.jsonl"
+    run_job(embedder, source, tmp_path / "out", kinds="text")
+    changed = Embedder.from_pretrained(directory, batch_size=8)
+    changed._state = jax.tree.map(lambda x: x * 1.01, changed._state)
+
+    with pytest.raises(SettingsMismatchError, match="model_fingerprint"):
+        run_job(changed, source, tmp_path / "out", kinds="text")
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.png").write_bytes(
+        (sample_dir / "images" / "chelsea.png").read_bytes()
+    )
+    (folder / "cat.txt").write_text("A tabby cat.")
+    run_job(embedder, folder, tmp_path / "folder")
+    (folder / "cat.txt").write_text("A dog on a beach.")
+    with pytest.raises(SettingsMismatchError, match="listing_sha256"):
+        run_job(embedder, folder, tmp_path / "folder")
+
+
+def test_job_rejects_a_second_writer(embedder, sample_dir, tmp_path):
+    out = tmp_path / "out"
+    with (tmp_path / ".out.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FileExistsError, match="another embedding job is writing"):
+            run_job(embedder, sample_dir / "captions.jsonl", out, kinds="text")
+    assert not out.exists()
 
 
 def _rss_bytes() -> int:
@@ -601,6 +702,10 @@ def test_top_k_rejects_wrong_dimension_and_k():
         top_k(matrix, np.ones(3), 1)
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         top_k(matrix, np.ones(4), 0)
+    with pytest.raises(ValueError, match="contains NaN or infinity"):
+        top_k(matrix, np.array([1.0, np.nan, 0.0, 0.0]), 1)
+    indices, _ = top_k(matrix, np.ones(4), np.int64(2))
+    assert indices.shape == (1, 2)
 
 
 def test_store_search_with_text_query(checkpoint, embedder, sample_dir, tmp_path):

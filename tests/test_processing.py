@@ -309,6 +309,23 @@ def test_palette_transparency_changes_pixels():
     assert np.abs(opaque - transparent).max() > 0.1
 
 
+@pytest.mark.parametrize("suffix", [".png", ".gif"])
+def test_palette_transparency_file_matches_reference(tmp_path, suffix):
+    # Decoded to RGB, such a file keeps its transparency key in `info`, and the
+    # reference composites the keyed pixels onto white.
+    path = tmp_path / f"palette{suffix}"
+    palette_image(transparency=False).save(path, transparency=3)
+    expected = run_reference(reference_for(288), reference_load_image(str(path)))
+
+    outputs = BridgeTowerImageProcessor()(path)
+
+    assert_matches_reference(outputs, *expected)
+    assert np.array_equal(
+        outputs["pixel_values"],
+        BridgeTowerImageProcessor()(PIL.Image.open(path))["pixel_values"],
+    )
+
+
 @pytest.mark.parametrize("kind", ["pil", "array"])
 def test_transparent_pixels_become_white(kind):
     pixels = random_image(40, 60, 4)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -52,14 +53,25 @@ def _parser() -> argparse.ArgumentParser:
         help="embeddings to write, comma-separated among joint, text, image "
         "(default: joint)",
     )
-    run.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    run.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="dtype of the stored embeddings (default: float32)",
+    )
     run.add_argument(
         "--compute-dtype",
         default="float32",
         choices=("float32", "bfloat16"),
         help="dtype of the model's matmuls (default: float32)",
     )
-    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="pairs per model call; rounded up to a multiple of the devices "
+        "(default: 32)",
+    )
     run.add_argument(
         "--shard-size",
         type=int,
@@ -67,9 +79,18 @@ def _parser() -> argparse.ArgumentParser:
         help="records per shard, the unit of resumption (default: 1024)",
     )
     run.add_argument("--workers", type=int, default=4, help="image decoding threads")
-    run.add_argument("--overwrite", action="store_true", help="start OUT afresh")
-    run.add_argument("--keep-shards", action="store_true")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the embedding job in OUT and start again (a folder that is "
+        "not an embedding job's output is never deleted)",
+    )
+    run.add_argument(
+        "--keep-shards",
+        action="store_true",
+        help="keep OUT/shards/ after joining the shards into the final files",
+    )
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     search = commands.add_parser("search", help="exact cosine search with text")
     search.add_argument("out", type=Path, help="a finished job's output folder")
@@ -117,8 +138,8 @@ def _run(args) -> int:
         progress=not args.no_progress,
         workers=args.workers,
     )
-    del result  # job.run logs the summary
-    return 0
+    # job.run logs the summary; a job that embedded nothing is a failure.
+    return 0 if result.embedded or not result.total else 1
 
 
 def _search(args) -> int:
@@ -126,13 +147,26 @@ def _search(args) -> int:
     from bt_jax.embed.search import EmbeddingStore
 
     store = EmbeddingStore(args.out)
+    store.vectors(args.kind)  # checks the kind before the model loads
     model = args.model or store.model
     if not model:
         raise ValueError(
             f"{args.out} does not name its model; pass --model with the checkpoint "
             "that embedded it."
         )
+    if not Path(model).is_dir():
+        raise FileNotFoundError(
+            f"the checkpoint {model} that embedded {args.out} is not found; pass "
+            "--model with its new location."
+        )
     embedder = Embedder.from_pretrained(model, batch_size=8)
+    if embedder.fingerprint() != store.manifest["settings"].get("model_fingerprint"):
+        logging.warning(
+            "%s is not the model that embedded %s (its weights, config or tokenizer "
+            "differ), so the scores may be meaningless",
+            model,
+            args.out,
+        )
     queries = embedder.embed_texts(args.queries)
     results = store.search(queries, k=args.k, kind=args.kind)
     for query, hits in zip(args.queries, results, strict=True):
@@ -194,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             "resume.",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
-    except (OSError, ValueError) as err:
+        # XLA may be compiling in another thread, and a normal interpreter exit
+        # then crashes, so exit at once. Every finished file is already in place.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -21,7 +21,10 @@ all of them and the parameters are replicated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import numbers
 import os
 from collections.abc import Callable, Sequence
 
@@ -32,7 +35,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bt_jax import hub
-from bt_jax.inference import bucket_size, bucketed_tokens, jit_model_function
+from bt_jax.inference import (
+    as_image_list,
+    bucket_size,
+    bucketed_tokens,
+    check_image_size,
+    jit_model_function,
+)
 from bt_jax.modeling import BridgeTowerForContrastiveLearning, BridgeTowerForPreTraining
 from bt_jax.processing import BridgeTowerProcessor, ImageInput, check_texts
 from bt_jax.processing import pad_batch as pad_images
@@ -82,8 +91,8 @@ class Embedder:
     """Embeds pairs, texts and images with a BridgeTower model's ITC head.
 
     Construct it with `Embedder.from_pretrained(path)`. Inputs are raw: file
-    paths, PIL images or uint8 arrays for images, strings for texts. The
-    `*_arrays` methods take preprocessed batches instead.
+    paths, PIL images or uint8 arrays for images, strings for texts.
+    `pairs_arrays`, `submit` and `collect` take preprocessed batches instead.
 
     Args:
       model: a model with the ITC head (`BridgeTowerForContrastiveLearning`, or
@@ -94,6 +103,11 @@ class Embedder:
       dtype: dtype of the returned embeddings, float32 or float16. The model
         computes in its own dtype; the cast comes after normalising.
       devices: devices to split each batch over; by default all local devices.
+
+    NOTE: on GPU and TPU, JAX's default float32 matmul precision is reduced, so
+    embeddings there differ from the reference by more than on the CPU. For
+    reference parity, set `jax.config.update("jax_default_matmul_precision",
+    "highest")` first; the parity tests do so.
     """
 
     def __init__(
@@ -106,14 +120,18 @@ class Embedder:
         devices: Sequence[jax.Device] | None = None,
     ):
         _check_itc(model)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(
                 f"batch_size must be a positive integer, got {batch_size!r}."
             )
+        batch_size = int(batch_size)
         self.model = model
         self.processor = processor
         self.dtype = output_dtype(dtype)
         config = model.config
+        check_image_size(
+            processor.image_processor, config.vision_config.image_size, "Embedder"
+        )
         self.max_text_length = config.text_config.max_text_length
         self.dim = config.contrastive_hidden_size
         self._pad_id = config.text_config.pad_token_id
@@ -133,6 +151,36 @@ class Embedder:
         self._graphdef = graphdef
         self._state = jax.device_put(state, NamedSharding(self._mesh, PartitionSpec()))
         self._jitted: dict[str, Callable] = {}
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """Return a digest of the weights, config, tokenizer and image settings.
+
+        An embedding job records it, so that resuming with other weights under
+        the same path is rejected instead of mixing two models' rows. Each
+        parameter contributes its sum, its sum of squares and a position-weighted
+        sum, computed on the device.
+        """
+        if self._fingerprint is None:
+
+            def summarise(x):
+                x = x.astype(jnp.float32).ravel()
+                weights = jnp.sin(jnp.arange(x.size, dtype=jnp.float32))
+                return jnp.stack([x.sum(), (x * x).sum(), (x * weights).sum()])
+
+            sums = jax.jit(lambda state: jax.tree.map(summarise, state))(self._state)
+            digest = hashlib.sha256()
+            for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]:
+                digest.update(jax.tree_util.keystr(path).encode())
+                digest.update(np.asarray(value, np.float32).round(4).tobytes())
+            settings = {
+                "config": self.model.config.to_dict(),
+                "vocab": sorted(self.processor.tokenizer.get_vocab().items()),
+                "image_processor": self.processor.image_processor.to_dict(),
+            }
+            digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     @property
     def compute_dtype(self) -> str:
@@ -285,7 +333,8 @@ class Embedder:
         self, images: Sequence[ImageInput], texts: Sequence[str]
     ) -> PairEmbeddings:
         """Return the joint, text and image embeddings of `(images[i], texts[i])`."""
-        images, texts = list(images), check_texts(list(texts))
+        images = as_image_list(images)
+        texts = self._texts(texts)
         if len(images) != len(texts):
             raise ValueError(
                 f"{len(images)} images and {len(texts)} texts given; pass one text "
@@ -308,7 +357,7 @@ class Embedder:
 
     def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
         """Return the text embeddings `(len(texts), dim)`; a string counts as one text."""
-        texts = check_texts(texts)
+        texts = self._texts(texts)
         parts = []
         for part in _chunks(len(texts), self.batch_size):
             ids, mask = self.tokens(texts[part])
@@ -317,14 +366,18 @@ class Embedder:
 
     def embed_images(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """Return the image embeddings `(len(images), dim)`."""
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
-            images = [images]
-        images = list(images)
+        images = as_image_list(images)
         parts = []
         for part in _chunks(len(images), self.batch_size):
             pixels = self.pixels(images[part], part.start)
             parts.append(self.fetch(self._call("image", pixels)))
         return _concatenate(parts, self)
+
+    def _texts(self, texts) -> list[str]:
+        """Check texts, warning about each one longer than the model's limit."""
+        texts = check_texts(texts if isinstance(texts, str) else list(texts))
+        self.processor.warn_long_texts(texts, self.max_text_length)
+        return texts
 
 
 def pad_pixels(arrays: Sequence[np.ndarray]) -> np.ndarray:

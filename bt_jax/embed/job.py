@@ -15,10 +15,10 @@ it was in. When all shards are done they are joined, streaming, into
   job never mixes shards made with other settings.
 
 Texts longer than the model's token limit are truncated, as transformers'
-processor does, and counted. With `do_center_crop=False` in the checkpoint's
-image processor, the images of a batch are padded to the largest one, so an
-embedding then depends on its batch. The job's batches depend only on the
-source, so reruns still give identical files.
+processor does, and counted. The settings (the model's
+fingerprint and the number of devices included) are stored in the manifest,
+and a rerun with other settings is rejected, so one output never mixes rows
+made differently.
 
 Memory stays flat: one shard's embeddings and ids, and a few batches of images,
 are held at a time, and the final files are written a shard at a time. The
@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import numbers
 import os
 import shutil
 import time
@@ -50,6 +53,7 @@ from bt_jax.embed.records import (
     JsonlSource,
     Record,
     check_record,
+    open_source,
 )
 from bt_jax.processing import ImageFileError
 
@@ -81,12 +85,12 @@ class JobResult:
 
 
 class SettingsMismatchError(ValueError):
-    """The output folder holds a job started with other settings or input."""
+    """The output folder contains a job started with other settings or input."""
 
 
 def run(
     embedder: Embedder,
-    source: JsonlSource | FolderSource,
+    source: JsonlSource | FolderSource | str | os.PathLike,
     out: str | os.PathLike,
     *,
     kinds: str | tuple[str, ...] = "joint",
@@ -102,23 +106,78 @@ def run(
     Args:
       embedder: the model; its batch size and output dtype are settings of the
         job.
-      source: the records, from `records.open_source`.
+      source: the records, from `records.open_source`, or the path to open.
       out: the output folder; created if missing.
       kinds: embeddings to write, among joint, text and image.
       shard_size: positions per shard, the unit of resumption.
       model: the checkpoint path, recorded in the manifest for `search`.
-      overwrite: delete whatever `out` holds and start again.
+      overwrite: delete the job already in `out` and start again; a folder
+        that is not an embedding job's output is never deleted.
       keep_shards: keep `out/shards/` after joining them.
       progress: show a progress bar.
       workers: threads decoding and resizing images.
 
     Raises:
-      SettingsMismatchError: `out` holds a job with other settings or input.
+      SettingsMismatchError: `out` contains a job with other settings or input.
+      FileExistsError: `out` is not an embedding job's folder, or another job is
+        writing it.
     """
     kinds = parse_kinds(kinds)
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}.")
+    for name, value in (("shard_size", shard_size), ("workers", workers)):
+        if not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not isinstance(source, (JsonlSource, FolderSource)):
+        source = open_source(source)
     out = Path(out)
+    with _lock(out):
+        return _run(
+            embedder,
+            source,
+            out,
+            kinds=kinds,
+            shard_size=int(shard_size),
+            model=model,
+            overwrite=overwrite,
+            keep_shards=keep_shards,
+            progress=progress,
+            workers=int(workers),
+        )
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """Hold an exclusive lock beside `out`, so two jobs never write it at once."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    with path.open("a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"another embedding job is writing {out} (it holds {path}); wait for "
+                "it to finish, or choose another output folder."
+            ) from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _run(
+    embedder,
+    source,
+    out,
+    *,
+    kinds,
+    shard_size,
+    model,
+    overwrite,
+    keep_shards,
+    progress,
+    workers,
+) -> JobResult:
+    """Run the job; `run` has checked the arguments and holds the lock."""
     settings = {
         "format": FORMAT_VERSION,
         "kinds": list(kinds),
@@ -130,11 +189,15 @@ def run(
         "compute_dtype": embedder.compute_dtype,
         "image_processor": embedder.processor.image_processor.to_dict(),
         "max_text_length": embedder.max_text_length,
+        "model_fingerprint": embedder.fingerprint(),
+        "devices": len(embedder.devices),
         **source.fingerprint(),
     }
-    manifest = _prepare(out, settings, overwrite)
+    manifest = _prepare(out, settings, overwrite, source.path)
     if manifest.get("complete"):
         logger.info("%s is complete already; nothing to do", out)
+        if not keep_shards and (out / SHARDS).exists():
+            shutil.rmtree(out / SHARDS)
         return JobResult(
             out,
             manifest["embedded"],
@@ -222,6 +285,12 @@ def run(
         skipped,
         f", listed in {out / SKIPPED}" if skipped else "",
     )
+    if total and not embedded:
+        logger.warning(
+            "No record of %d could be embedded; %s gives each one's reason",
+            total,
+            out / SKIPPED,
+        )
     if truncated:
         logger.warning(
             "%d texts were longer than the model's %d tokens and were truncated, "
@@ -232,26 +301,28 @@ def run(
     return result
 
 
-def _prepare(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+def _prepare(
+    out: Path, settings: dict[str, Any], overwrite: bool, input_path: Path
+) -> dict[str, Any]:
     """Check or create `out` and its manifest; return the manifest."""
     manifest_file = out / MANIFEST
-    if overwrite and out.exists():
-        if out.is_dir() and (manifest_file.is_file() or not any(out.iterdir())):
-            shutil.rmtree(out)
-        else:
-            raise FileExistsError(
-                f"{out} exists and is not an embedding job's folder; --overwrite only "
-                "replaces folders this job wrote. Choose another output folder."
-            )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; choose a folder for the output.")
-    if out.is_dir() and any(out.iterdir()) and not manifest_file.is_file():
-        raise FileExistsError(
-            f"{out} is not empty and holds no {MANIFEST}; choose an empty or new "
-            "folder for the output."
+    if input_path.resolve().is_relative_to(out.resolve()):
+        raise ValueError(
+            f"the input {input_path} is inside the output folder {out}; choose an "
+            "output folder outside the input."
         )
-    if manifest_file.is_file():
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    manifest = _read_manifest(manifest_file) if manifest_file.is_file() else None
+    if out.is_dir() and any(out.iterdir()) and manifest is None:
+        raise FileExistsError(
+            f"{out} is not empty and is not an embedding job's folder (it has no "
+            f"embedding {MANIFEST}); choose an empty or new folder for the output."
+        )
+    if overwrite and manifest is not None:
+        shutil.rmtree(out)
+        manifest = None
+    if manifest is not None:
         differ = {
             key: (manifest.get("settings", {}).get(key), value)
             for key, value in settings.items()
@@ -263,7 +334,7 @@ def _prepare(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, 
                 for key, (old, new) in differ.items()
             )
             raise SettingsMismatchError(
-                f"{out} holds a job started with other settings or input ({lines}). "
+                f"{out} contains a job started with other settings or input ({lines}). "
                 "Rerun with the same settings to resume it, pass --overwrite to start "
                 "again, or choose another output folder."
             )
@@ -272,6 +343,17 @@ def _prepare(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, 
     manifest = {"settings": settings, "complete": False}
     _write_json(manifest_file, manifest)
     return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """Return an embedding job's manifest, or None for any other file of that name."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        return None
+    return manifest if "format" in manifest["settings"] else None
 
 
 def _marker(shards_dir: Path, k: int) -> Path:
@@ -457,7 +539,9 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 def _atomic_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as file:
+    # A file name that is not valid UTF-8 holds lone surrogates, which become
+    # JSON escapes ("\\udce9") instead of failing the write.
+    with temporary.open("w", encoding="utf-8", errors="backslashreplace") as file:
         for row in rows:
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(temporary, path)

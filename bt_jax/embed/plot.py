@@ -22,8 +22,10 @@ from bt_jax.embed.search import EmbeddingStore
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "umap", "pca")
-# Labels drawn in their own colour; the rest are grouped as "other".
-MAX_LABELS = 20
+# Labels drawn in their own colour; the rest are grouped as "other", in grey.
+MAX_LABELS = 18
+# tab20 without its two greys (14 and 15), which would look like "other".
+_COLOURS = [i for i in range(20) if i not in (14, 15)]
 
 
 def project(
@@ -36,7 +38,7 @@ def project(
     if method == "umap" and not has_umap:
         raise ModuleNotFoundError(
             "UMAP needs the umap-learn package: `pip install umap-learn`, or use "
-            "method='pca'."
+            "PCA (method='pca', or --method pca on the command line)."
         )
     points = np.asarray(points, np.float32)
     if (method == "umap" or (method == "auto" and has_umap)) and len(points) > 3:
@@ -83,7 +85,8 @@ def plot_store(
 
     Args:
       store: an `EmbeddingStore` or the job's output folder.
-      output: the image file; its extension picks the format.
+      output: the image file; its extension picks the format (PNG if it has
+        none). The path written is returned.
       kind: which embeddings; by default the first the job wrote.
       label: the ids.jsonl field that colours the points, such as "label". None
         uses "label" when the records have it, else one colour.
@@ -95,6 +98,11 @@ def plot_store(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not isinstance(max_points, int) or max_points < 1:
+        raise ValueError(f"max_points must be a positive integer, got {max_points!r}.")
+    output = Path(output)
+    if not output.suffix:
+        output = output.with_suffix(".png")
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
     vectors = store.vectors(kind)
@@ -104,7 +112,7 @@ def plot_store(
     chosen = np.unique(np.linspace(0, rows - 1, min(rows, max_points)).astype(np.int64))
     points = np.stack([np.asarray(vectors[i], np.float32) for i in chosen])
     records = store.records(chosen.tolist())
-    if label is None and "label" in records[0]:
+    if label is None and any("label" in record for record in records):
         label = "label"
     if label is not None and not any(label in record for record in records):
         fields = sorted({key for record in records[:100] for key in record})
@@ -126,7 +134,7 @@ def plot_store(
             xy[mask, 1],
             s=18,
             alpha=0.8,
-            color=colours(i % 20),
+            color=colours(_COLOURS[i]),
             label=f"{name} ({counts[name]})" if label else None,
         )
     other = np.array([value not in legend_labels for value in labels])
@@ -141,7 +149,6 @@ def plot_store(
     ax.set_title(title or f"{kind_name} embeddings, {used} ({rows} rows{sampled})")
     ax.set_xlabel(f"{used} 1")
     ax.set_ylabel(f"{used} 2")
-    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
     plt.close(fig)

@@ -9,10 +9,13 @@ JSON Lines: one object per line with
 - `image`: an image path, relative to the folder of the JSON Lines file or
   absolute (needed for joint and image embeddings);
 - `text` or `caption`: the text (needed for joint and text embeddings);
-- `id` (optional): the record's name in the output; by default `line-N`.
+- `id` (optional): the record's name in the output, a string or an integer;
+  by default, or when null, `line-N`.
 
 Other fields are kept and copied to the output's `ids.jsonl`, so a `label`
-field can colour a plot later.
+field can colour a plot later. A field named `position` is replaced there by
+the record's position in the file. Duplicate ids are not checked. The file may
+start with a UTF-8 byte order mark; a line that is not valid UTF-8 is skipped.
 
 Folder: every image file below it (.jpg, .jpeg, .png, .bmp, .gif, .webp,
 .tif, .tiff), in sorted path order. A record's text is the file with the same
@@ -50,7 +53,8 @@ class Record:
     fields: dict[str, Any]  # what goes to ids.jsonl
 
     def listing(self) -> dict[str, Any]:
-        return {"position": self.position, **self.fields}
+        """Return the ids.jsonl row; `position` replaces a field of that name."""
+        return {**self.fields, "position": self.position}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +103,30 @@ class JsonlSource(_Source):
                 count += block.count(b"\n")
             if file.tell() and not _ends_with_newline(self.path):
                 count += 1
+        if _starts_with(self.path, b"["):
+            raise ValueError(
+                f"{self.path} looks like a JSON array, not JSON Lines; write one JSON "
+                "object per line."
+            )
         self._count = count
         self._digest = digest.hexdigest()
 
-    def raw(self) -> Iterator[str]:
-        """Yield each line's text, unparsed, so skipping a position is cheap.
+    def raw(self) -> Iterator[bytes]:
+        """Yield each line's bytes, unparsed, so skipping a position is cheap.
 
         Lines end at "\n" only, as they are counted; a lone "\r" stays inside its
         line (and makes it invalid JSON) instead of shifting every position.
         """
         with self.path.open("rb") as file:
-            for line in file:
-                yield line.decode("utf-8", errors="replace")
+            yield from file
 
-    def parse(self, position: int, raw: str) -> Record | Invalid:
+    def parse(self, position: int, raw: bytes) -> Record | Invalid:
         where = f"line-{position + 1}"
+        try:
+            # A byte order mark may start the file.
+            raw = raw.decode("utf-8-sig" if position == 0 else "utf-8")
+        except UnicodeDecodeError as err:
+            return Invalid(position, where, f"invalid UTF-8: {err.reason}")
         if not raw.strip():
             return Invalid(position, where, "empty line")
         try:
@@ -124,23 +137,35 @@ class JsonlSource(_Source):
             return Invalid(
                 position, where, f"a JSON {type(value).__name__}, not an object"
             )
-        record_id = value.get("id", where)
+        record_id = value.get("id")
+        if record_id is None:
+            record_id = where
         if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
-            return Invalid(position, where, f"id {record_id!r} is not a string")
+            return Invalid(
+                position, where, f"id {record_id!r} must be a string or an integer"
+            )
         record_id = str(record_id)
         image = value.get("image")
         if image is not None and not isinstance(image, str):
-            return Invalid(position, record_id, f"image {image!r} is not a path")
-        text_field = next((f for f in TEXT_FIELDS if f in value), None)
-        text = value.get(text_field) if text_field else None
+            return Invalid(
+                position,
+                record_id,
+                f"image must be a path string, got {type(image).__name__}",
+            )
+        if image is not None and not image.strip():
+            return Invalid(position, record_id, "empty image path")
+        text_field = next((f for f in TEXT_FIELDS if value.get(f) is not None), None)
+        text = value[text_field] if text_field else None
         if text is not None and not isinstance(text, str):
             return Invalid(
-                position, record_id, f"{text_field} is a {type(text).__name__}"
+                position,
+                record_id,
+                f"{text_field} must be a string, got {type(text).__name__}",
             )
         fields = {
             key: item
             for key, item in value.items()
-            if key not in ("id", *TEXT_FIELDS) and key != "image"
+            if key not in ("id", "image", *TEXT_FIELDS)
         }
         fields = {"id": record_id, "image": image, "text": text, **fields}
         path = None if image is None else self.root / image
@@ -159,13 +184,30 @@ class FolderSource(_Source):
         digest = hashlib.sha256()
         count = 0
         for relative in self._walk():
+            # Sizes and modification times of the image and its caption file make
+            # an edited or replaced file change the fingerprint.
             digest.update(relative.encode("utf-8", "surrogateescape") + b"\0")
+            for file in (
+                self.path / relative,
+                (self.path / relative).with_suffix(".txt"),
+            ):
+                try:
+                    stat = file.stat()
+                except OSError:
+                    digest.update(b"-\0")
+                    continue
+                digest.update(f"{stat.st_size}:{stat.st_mtime_ns}\0".encode())
             count += 1
         self._count = count
         self._digest = digest.hexdigest()
 
     def _walk(self, directory: Path | None = None, prefix: str = "") -> Iterator[str]:
-        """Yield image paths relative to the folder, sorted, one directory at a time."""
+        """Yield image paths relative to the folder, sorted, one directory at a time.
+
+        NOTE: each directory's listing is sorted in memory, about 300 bytes per
+        file, so a flat folder of millions of images costs hundreds of MB here.
+        Split such a folder into sub-folders, or list the files in JSON Lines.
+        """
         directory = directory or self.path
         with os.scandir(directory) as scan:
             entries = sorted(scan, key=lambda entry: entry.name)
@@ -224,6 +266,13 @@ def check_record(record: Record, kinds: tuple[str, ...]) -> Invalid | None:
     if ("joint" in kinds or "image" in kinds) and record.image is None:
         return Invalid(record.position, record.id, "no image")
     return None
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Return whether the file's first non-whitespace bytes (after a BOM) are `prefix`."""
+    with path.open("rb") as file:
+        head = file.read(4096)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(prefix)
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -8,7 +8,7 @@ product and the search is exact: it returns the true top k.
 NOTE: exact search reads every row for every batch of queries: N x dim x 4
 bytes in float32, half that in float16. On 2 CPU cores, one query against an
 in-memory 1M x 512 float32 matrix (2 GB) took about 0.1 s, and 16 queries
-0.5 s; a matrix read from disk adds the disk's read time. Beyond a few million
+0.5 s. A matrix read from disk adds the disk's read time. Beyond a few million
 rows, or for many queries per second, load the `.npy` files into an
 approximate nearest-neighbour index (FAISS, ScaNN, or a vector database such
 as Qdrant or Milvus) and keep `ids.jsonl` as the row-to-record table.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +60,7 @@ class EmbeddingStore:
         if not self.manifest.get("complete"):
             raise ValueError(
                 f"the embedding job in {self.path} has not finished; rerun its command "
-                "to resume it, then search."
+                "to resume it, then open the folder again."
             )
         self.kinds = tuple(self.manifest["settings"]["kinds"])
         self.model = self.manifest["settings"].get("model") or None
@@ -140,8 +141,13 @@ def top_k(
             f"queries have {queries.shape[-1]} dimensions and the embeddings "
             f"{matrix.shape[-1]}; embed the queries with the same model."
         )
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}.")
+    if not np.isfinite(queries).all():
+        raise ValueError(
+            "a query embedding contains NaN or infinity; embed the queries again."
+        )
+    k = int(k)
     norms = np.linalg.norm(queries, axis=-1, keepdims=True)
     queries = queries / np.maximum(norms, np.finfo(np.float32).tiny)
     k = min(k, matrix.shape[0])
