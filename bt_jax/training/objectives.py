@@ -214,8 +214,8 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
         text_states = jnp.concatenate([text_states, negative_states], axis=1)
         parts.append((negative_ids, negative_mask, images[:, order]))
 
-    # NOTE: on a 2-core CPU this fused step reached 41% of the float32 matmul
-    # peak, against 62% for separate passes (bench/RESULTS.md). Per
+    # NOTE: on 2-core CPUs this fused step reached 41% and 50% of the float32
+    # matmul peak, against 62% and 58% for separate passes (bench/RESULTS.md). Per
     # `python -m bench.step_parts`, the cross-modal tower on the 4B pairs takes
     # most of the time at 58% of peak, and the gather below costs nothing
     # measurable. Fusing removes the vision encoder's matmuls, which XLA runs
