@@ -324,7 +324,8 @@ def test_job_skips_and_lists_bad_records(checkpoint, embedder, sample_dir, tmp_p
     skipped = [json.loads(line) for line in (tmp_path / "out" / job.SKIPPED).open()]
     reasons = {row["position"]: (row["id"], row["reason"]) for row in skipped}
     assert set(reasons) == {1, 2, 3, 5, 6, 7, 8, 9, 10}
-    assert reasons[1][0] == "gone" and reasons[1][1].startswith("missing image")
+    assert reasons[1][0] == "gone"
+    assert reasons[1][1].startswith("missing image")
     assert reasons[2] == (
         "line-3",
         "invalid JSON: Expecting property name enclosed in double quotes",
@@ -725,7 +726,9 @@ def test_store_search_with_text_query(checkpoint, embedder, sample_dir, tmp_path
     rows = sample_records(sample_dir)
     assert [hit.id for hit in hits] == [rows[hit.index]["id"] for hit in hits]
     assert hits[0].score == pytest.approx(similarity.max(), abs=1e-6)
-    with pytest.raises(ValueError, match="holds joint, image embeddings, not 'text'"):
+    with pytest.raises(
+        ValueError, match="contains joint, image embeddings, not 'text'"
+    ):
         store.search(np.zeros(EMBED_DIM), kind="text")
 
 

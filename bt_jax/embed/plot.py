@@ -108,7 +108,10 @@ def plot_store(
     vectors = store.vectors(kind)
     rows = len(vectors)
     if rows == 0:
-        raise ValueError(f"{store.path} holds no embeddings to plot.")
+        raise ValueError(
+            f"{store.path} contains no embeddings to plot; every record was skipped "
+            "(see skipped.jsonl)."
+        )
     chosen = np.unique(np.linspace(0, rows - 1, min(rows, max_points)).astype(np.int64))
     points = np.stack([np.asarray(vectors[i], np.float32) for i in chosen])
     records = store.records(chosen.tolist())

@@ -114,8 +114,8 @@ class JsonlSource(_Source):
     def raw(self) -> Iterator[bytes]:
         """Yield each line's bytes, unparsed, so skipping a position is cheap.
 
-        Lines end at "\n" only, as they are counted; a lone "\r" stays inside its
-        line (and makes it invalid JSON) instead of shifting every position.
+        Lines end at "\n" only, as they are counted. A lone "\r" stays inside its
+        line and makes it invalid JSON, so it cannot shift the later positions.
         """
         with self.path.open("rb") as file:
             yield from file

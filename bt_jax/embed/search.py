@@ -78,7 +78,7 @@ class EmbeddingStore:
             return self.kinds[0]
         if kind not in self.kinds:
             raise ValueError(
-                f"{self.path} holds {', '.join(self.kinds)} embeddings, not {kind!r}; "
+                f"{self.path} contains {', '.join(self.kinds)} embeddings, not {kind!r}; "
                 f"pass one of those, or embed again with --kinds {kind}."
             )
         return kind
@@ -157,8 +157,8 @@ def top_k(
         block = np.asarray(matrix[start : start + block_rows], np.float32)
         scores = queries @ block.T
         if scores.shape[1] > k:
-            # Only rows at or above each query's k-th best score can enter the top k;
-            # rows tied with it are all kept, so ties still resolve by row.
+            # Only rows at or above each query's k-th best score can enter the top k.
+            # Rows tied with it are all kept, so ties still resolve by row.
             kth = np.partition(scores, -k, axis=1)[:, -k]
         else:
             kth = np.full(len(queries), -np.inf, np.float32)
