@@ -145,12 +145,14 @@ def bucketed_tokens(
     return padded_ids, padded_mask
 
 
-def _chunks(n: int, size: int) -> Iterator[slice]:
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Yield the slices that cut `n` rows into runs of at most `size`."""
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
 
-def _pad_rows(array: np.ndarray, rows: int, fill=0) -> np.ndarray:
+def pad_rows(array: np.ndarray, rows: int, fill=0) -> np.ndarray:
+    """Pad `array` along its first axis to `rows` rows of `fill`."""
     if array.shape[0] == rows:
         return array
     pad = np.full((rows - array.shape[0], *array.shape[1:]), fill, array.dtype)
@@ -323,14 +325,14 @@ class Predictor:
         return processed["pixel_values"]
 
     def _batches(self, n: int, description: str) -> Iterator[slice]:
-        chunks = list(_chunks(n, self.batch_size))
-        show = self.progress and len(chunks) > 1
-        return iter(tqdm(chunks, desc=description, unit="batch", disable=not show))
+        parts = list(chunks(n, self.batch_size))
+        show = self.progress and len(parts) > 1
+        return iter(tqdm(parts, desc=description, unit="batch", disable=not show))
 
     def _run(self, name: str, rows: int, *arrays: np.ndarray, **static):
         """Run jitted function `name` on `arrays` padded to a bucketed batch size."""
         batch = bucket_size(rows, maximum=self.batch_size)
-        padded = [_pad_rows(a, batch) for a in arrays]
+        padded = [pad_rows(a, batch) for a in arrays]
         extra = [np.zeros((static["top_k"],), np.int8)] if "top_k" in static else []
         output = self._function(name)(self._state, *padded, *extra)
         return jax.tree.map(lambda x: np.asarray(x)[:rows], output)

@@ -40,7 +40,9 @@ from bt_jax.inference import (
     bucket_size,
     bucketed_tokens,
     check_image_size,
+    chunks,
     jit_model_function,
+    pad_rows,
 )
 from bt_jax.modeling import BridgeTowerForContrastiveLearning, BridgeTowerForPreTraining
 from bt_jax.processing import BridgeTowerProcessor, ImageInput, check_texts
@@ -92,7 +94,7 @@ class Embedder:
 
     Construct it with `Embedder.from_pretrained(path)`. Inputs are raw: file
     paths, PIL images or uint8 arrays for images, strings for texts.
-    `pairs_arrays`, `submit` and `collect` take preprocessed batches instead.
+    `submit` and `collect` take preprocessed batches instead.
 
     Args:
       model: a model with the ITC head (`BridgeTowerForContrastiveLearning`, or
@@ -125,6 +127,7 @@ class Embedder:
                 f"batch_size must be a positive integer, got {batch_size!r}."
             )
         batch_size = int(batch_size)
+
         self.model = model
         self.processor = processor
         self.dtype = output_dtype(dtype)
@@ -135,6 +138,7 @@ class Embedder:
         self.max_text_length = config.text_config.max_text_length
         self.dim = config.contrastive_hidden_size
         self._pad_id = config.text_config.pad_token_id
+
         self.devices = tuple(devices or jax.local_devices())
         count = len(self.devices)
         self.batch_size = -(-batch_size // count) * count
@@ -145,6 +149,7 @@ class Embedder:
                 self.batch_size,
                 count,
             )
+
         self._mesh = Mesh(np.array(self.devices), ("data",))
         self._rows = NamedSharding(self._mesh, PartitionSpec("data"))
         graphdef, state = nnx.split(model)
@@ -259,7 +264,7 @@ class Embedder:
             )
         batch = max(bucket_size(rows, maximum=self.batch_size), len(self.devices))
         batch = -(-batch // len(self.devices)) * len(self.devices)
-        padded = [jax.device_put(_pad_rows(a, batch), self._rows) for a in arrays]
+        padded = [jax.device_put(pad_rows(a, batch), self._rows) for a in arrays]
         return rows, self._function(name)(self._state, *padded)
 
     def fetch(self, pending) -> np.ndarray | dict[str, np.ndarray]:
@@ -309,24 +314,6 @@ class Embedder:
             return self.fetch(pending)
         return {kind: self.fetch(part) for kind, part in pending.items()}
 
-    def pairs_arrays(self, input_ids, attention_mask, pixel_values) -> PairEmbeddings:
-        """Embed preprocessed pairs of any count; all three kinds."""
-        parts = []
-        for part in _chunks(len(input_ids), self.batch_size):
-            parts.append(
-                self.fetch(
-                    self._call(
-                        "pairs",
-                        np.asarray(input_ids[part], np.int32),
-                        np.asarray(attention_mask[part], np.int32),
-                        np.asarray(pixel_values[part], np.float32),
-                    )
-                )
-            )
-        return PairEmbeddings(
-            **{kind: np.concatenate([p[kind] for p in parts]) for kind in KINDS}
-        )
-
     # ---------------------------------------------------------------- raw input
 
     def embed_pairs(
@@ -341,7 +328,7 @@ class Embedder:
                 "per image."
             )
         parts = []
-        for part in _chunks(len(texts), self.batch_size):
+        for part in chunks(len(texts), self.batch_size):
             ids, mask = self.tokens(texts[part])
             pixels = self.pixels(images[part], part.start)
             parts.append(self.fetch(self._call("pairs", ids, mask, pixels)))
@@ -359,7 +346,7 @@ class Embedder:
         """Return the text embeddings `(len(texts), dim)`; a string counts as one text."""
         texts = self._texts(texts)
         parts = []
-        for part in _chunks(len(texts), self.batch_size):
+        for part in chunks(len(texts), self.batch_size):
             ids, mask = self.tokens(texts[part])
             parts.append(self.fetch(self._call("text", ids, mask)))
         return _concatenate(parts, self)
@@ -368,7 +355,7 @@ class Embedder:
         """Return the image embeddings `(len(images), dim)`."""
         images = as_image_list(images)
         parts = []
-        for part in _chunks(len(images), self.batch_size):
+        for part in chunks(len(images), self.batch_size):
             pixels = self.pixels(images[part], part.start)
             parts.append(self.fetch(self._call("image", pixels)))
         return _concatenate(parts, self)
@@ -394,18 +381,6 @@ def _check_itc(model: nnx.Module) -> None:
         f"{type(model).__name__} has no contrastive (ITC) head, which embeddings "
         "need; load the model with head='itc' or a head list that includes it."
     )
-
-
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    if array.shape[0] == rows:
-        return array
-    pad = np.zeros((rows - array.shape[0], *array.shape[1:]), array.dtype)
-    return np.concatenate([array, pad])
 
 
 def _concatenate(parts: list[np.ndarray], embedder: Embedder) -> np.ndarray:

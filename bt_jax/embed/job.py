@@ -154,7 +154,7 @@ def _lock(out: Path):
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FileExistsError(
-                f"another embedding job is writing {out} (it holds {path}); wait for "
+                f"another embedding job is writing {out} (it has locked {path}); wait for "
                 "it to finish, or choose another output folder."
             ) from None
         try:
@@ -313,6 +313,7 @@ def _prepare(
             f"the input {input_path} is inside the output folder {out}; choose an "
             "output folder outside the input."
         )
+
     manifest = _read_manifest(manifest_file) if manifest_file.is_file() else None
     if out.is_dir() and any(out.iterdir()) and manifest is None:
         raise FileExistsError(
@@ -322,11 +323,14 @@ def _prepare(
     if overwrite and manifest is not None:
         shutil.rmtree(out)
         manifest = None
+
     if manifest is not None:
+        # _read_manifest has checked that "settings" is a dict.
+        stored = manifest["settings"]
         differ = {
-            key: (manifest.get("settings", {}).get(key), value)
+            key: (stored.get(key), value)
             for key, value in settings.items()
-            if manifest.get("settings", {}).get(key) != value
+            if stored.get(key) != value
         }
         if differ:
             lines = "; ".join(
@@ -339,6 +343,7 @@ def _prepare(
                 "again, or choose another output folder."
             )
         return manifest
+
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"settings": settings, "complete": False}
     _write_json(manifest_file, manifest)
@@ -539,7 +544,7 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 def _atomic_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    # A file name that is not valid UTF-8 holds lone surrogates, which become
+    # A file name that is not valid UTF-8 contains lone surrogates, which become
     # JSON escapes ("\\udce9") instead of failing the write.
     with temporary.open("w", encoding="utf-8", errors="backslashreplace") as file:
         for row in rows:

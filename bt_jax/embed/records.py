@@ -127,6 +127,7 @@ class JsonlSource(_Source):
             raw = raw.decode("utf-8-sig" if position == 0 else "utf-8")
         except UnicodeDecodeError as err:
             return Invalid(position, where, f"invalid UTF-8: {err.reason}")
+
         if not raw.strip():
             return Invalid(position, where, "empty line")
         try:
@@ -137,6 +138,7 @@ class JsonlSource(_Source):
             return Invalid(
                 position, where, f"a JSON {type(value).__name__}, not an object"
             )
+
         record_id = value.get("id")
         if record_id is None:
             record_id = where
@@ -145,6 +147,7 @@ class JsonlSource(_Source):
                 position, where, f"id {record_id!r} must be a string or an integer"
             )
         record_id = str(record_id)
+
         image = value.get("image")
         if image is not None and not isinstance(image, str):
             return Invalid(
@@ -162,6 +165,7 @@ class JsonlSource(_Source):
                 record_id,
                 f"{text_field} must be a string, got {type(text).__name__}",
             )
+
         fields = {
             key: item
             for key, item in value.items()
