@@ -229,7 +229,8 @@ def train_forward_flops(
     positive pass with the ITM and ITC heads (`batch` pairs) and the ITM pass on
     the `2 * batch` negative pairs. The ITC loss adds three similarity matrices,
     and the draw of hard negatives a fourth. With `share_image_encoding` the
-    vision encoder runs once on the `batch` images instead of in each pass.
+    vision encoder and the bridges' image transforms run once on the `batch`
+    images instead of in each pass.
     """
     total = (
         forward_flops(config, batch, length, "mlm")
@@ -238,7 +239,11 @@ def train_forward_flops(
         + forward_flops(config, 2 * batch, length, "itm")
     )
     if share_image_encoding:
-        total -= 3 * batch * vision_flops(config)
+        vision = config["vision_config"]
+        transforms = config["num_hidden_layers"] * linear_flops(
+            image_tokens(config), vision["hidden_size"], config["hidden_size"]
+        )
+        total -= 3 * batch * (vision_flops(config) + transforms)
     return total
 
 

@@ -19,9 +19,10 @@ ITM and ITC heads, so the three heads share one backbone as in bt-jax's
    loss is the cross-entropy over the batch positive and 2 * batch negative
    logits;
 
-   with `share_image_encoding` (bt-jax's default), the vision encoder runs once
-   on the batch's images and each pass replays its hidden states, re-paired for
-   the negatives; otherwise every pass encodes its images;
+   with `share_image_encoding` (bt-jax's default), the vision encoder and the
+   bridges' image transforms run once on the batch's images, and each pass
+   replays their outputs, re-paired for the negatives; otherwise every pass
+   encodes and transforms its images;
 4. backward of MLM + ITM + ITC, the global norms of the gradients and of the
    parameters, and one `torch.optim.AdamW` step with bt-jax's parameter groups
    and learning-rate schedule.
@@ -158,8 +159,19 @@ class PretrainingModel(torch.nn.Module):
             )
         return model
 
-    def backbone(self, input_ids, attention_mask, pixel_values=None, image_states=None):
-        """Run the backbone on pixels, or on `encode_images` states (rows re-paired)."""
+    def backbone(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values=None,
+        image_states=None,
+        image_transforms=None,
+    ):
+        """Run the backbone on pixels, or on `encode_images` states (rows re-paired).
+
+        `image_transforms` (from `transform_images`, re-paired like the states)
+        replaces the bridges' image transforms.
+        """
         if image_states is None:
             return self.bridgetower(
                 input_ids=input_ids,
@@ -173,6 +185,11 @@ class PretrainingModel(torch.nn.Module):
         blocks = transformer.resblocks
         replays = [_Replay(state) for state in image_states[1:]]
         transformer.resblocks = torch.nn.ModuleList([*replays, *blocks[len(replays) :]])
+        if image_transforms is not None:
+            # An instance attribute shadows the backbone's method of that name.
+            self.bridgetower._apply_image_transform = lambda hidden_states, layer_idx: (
+                image_transforms[layer_idx]
+            )
         try:
             return self.bridgetower(
                 input_ids=input_ids,
@@ -183,6 +200,7 @@ class PretrainingModel(torch.nn.Module):
             )
         finally:
             transformer.resblocks = blocks
+            self.bridgetower.__dict__.pop("_apply_image_transform", None)
 
     def encode_images(self, pixel_values) -> list[torch.Tensor]:
         """Return the patch embeddings and each block output the backbone uses.
@@ -196,6 +214,21 @@ class PretrainingModel(torch.nn.Module):
             hidden = block(hidden)
             states.append(hidden)
         return states
+
+    def transform_images(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Return each cross-modal level's image transform of `encode_images` states.
+
+        Level l transforms the post-normalised output of block split + l, as the
+        backbone does; the results are batch-first, `(batch, tokens, width)`.
+        """
+        backbone = self.bridgetower
+        levels = len(backbone.cross_modal_image_layers)
+        split = self._bridged_blocks() - levels + 1
+        post = backbone.vision_model.visual.forward_post
+        return [
+            backbone._apply_image_transform(post(states[split + level]), level)
+            for level in range(levels)
+        ]
 
     def _bridged_blocks(self) -> int:
         # The backbone runs one vision block per text layer.
@@ -338,14 +371,20 @@ class PretrainingStep:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         pixels = batch["pixel_values"]
         size = ids.shape[0]
-        states = model.encode_images(pixels) if self.share_image_encoding else None
+        states = transforms = None
+        if self.share_image_encoding:
+            states = model.encode_images(pixels)
+            transforms = model.transform_images(states)
 
         def images(order=None):
             if states is None:
                 return {"pixel_values": pixels if order is None else pixels[order]}
             if order is None:
-                return {"image_states": states}
-            return {"image_states": [state[:, order] for state in states]}
+                return {"image_states": states, "image_transforms": transforms}
+            return {
+                "image_states": [state[:, order] for state in states],
+                "image_transforms": [transform[order] for transform in transforms],
+            }
 
         output = model.backbone(batch["mlm_input_ids"], mask, **images())
         mlm_loss = masked_lm_loss(

@@ -56,6 +56,7 @@ class ForwardTrace:
     image_features: jax.Array
     pooler_output: jax.Array
     text_hidden_states: list[jax.Array]
+    # Empty when the pass started from `image_bridge_inputs`.
     image_hidden_states: list[jax.Array]
     cross_hidden_states: list[tuple[jax.Array, jax.Array]]
 
@@ -301,6 +302,55 @@ class BridgeTowerModel(nnx.Module):
             return image[None]
         return jnp.concatenate([image[None], stack])
 
+    def image_bridge_inputs(
+        self, image_hidden_states: jax.Array, *, image_token_type_idx: int = 1
+    ) -> jax.Array:
+        """Return what the image stream of the cross-modal tower takes from the images.
+
+        The result is `(levels, batch, tokens, width)`. Row 0 is the input of
+        the first cross-modal image layer: the vision state at the split,
+        post-normalised, transformed, plus the image token type, then
+        normalised. Row l >= 1 is the vision state of level l, transformed the
+        same way before the image link tower merges it with the cross-modal
+        output of level l - 1. The rows depend on the image alone, so passes that
+        pair each image with several texts compute them once per image and index
+        axis 1, as `forward_trace(image_bridge_inputs=...)` accepts.
+
+        Args:
+          image_hidden_states: `image_hidden_states(pixel_values)`.
+          image_token_type_idx: row of the token-type table added to image tokens.
+        """
+        levels = self.config.num_hidden_layers
+        split = self.config.vision_split_index
+        self._check_hidden_states(
+            "image_hidden_states",
+            image_hidden_states,
+            split + levels,
+            image_hidden_states.shape[1],
+        )
+        type_row = self._image_type_row(image_token_type_idx)
+        post = self.vision_model.visual.forward_post
+        rows = []
+        for level in range(levels):
+            row = self.image_transform(post(image_hidden_states[split + level]), level)
+            row = row + type_row
+            if level == 0:
+                row = self.cross_modal_image_layernorm(row)
+            rows.append(sharding.constrain(row, ACTIVATION_AXES))
+        return jnp.stack(rows)
+
+    def _image_type_row(self, image_token_type_idx: int) -> jax.Array:
+        """Return the token-type row added to image tokens, checking its index."""
+        # The reference turns 0 into 1 (`idx or 1`); any other row must exist.
+        image_type = image_token_type_idx or 1
+        if not 0 < image_type < self.token_type_embeddings.num_embeddings:
+            raise ValueError(
+                f"image_token_type_idx={image_token_type_idx} is outside the token-type "
+                f"table (rows 0..{self.token_type_embeddings.num_embeddings - 1}, row 0 is "
+                "text); use 1."
+            )
+        return self.token_type_embeddings.embedding[image_type]
+
     def text_hidden_states(
         self,
         input_ids: jax.Array,
@@ -476,17 +526,29 @@ class BridgeTowerModel(nnx.Module):
         dropout_rng: jax.Array | None = None,
         image_hidden_states: jax.Array | None = None,
         text_hidden_states: jax.Array | None = None,
+        image_bridge_inputs: jax.Array | None = None,
     ) -> ForwardTrace:
         """Run the model and keep every intermediate a head may need.
 
         `image_hidden_states` (from `image_hidden_states`) replaces the vision
         encoder's pass, and `pixel_values` must then be None.
+        `image_bridge_inputs` (from `image_bridge_inputs`) replaces both the
+        vision encoder and the bridges' image transforms; `pixel_values` must be
+        None and the trace's `image_hidden_states` is then empty.
         `text_hidden_states` (from `text_hidden_states`) replaces the text
         encoder's pass; `input_ids` must still be given, for their shape.
         """
         config = self.config
         check_text_inputs(config, input_ids, attention_mask)
         batch, levels = input_ids.shape[0], config.num_hidden_layers
+        if image_bridge_inputs is not None:
+            if image_hidden_states is not None:
+                raise ValueError(
+                    "pass either image_hidden_states or image_bridge_inputs, not both."
+                )
+            self._check_hidden_states(
+                "image_bridge_inputs", image_bridge_inputs, levels, batch
+            )
         if text_hidden_states is not None:
             self._check_hidden_states(
                 "text_hidden_states",
@@ -494,17 +556,21 @@ class BridgeTowerModel(nnx.Module):
                 config.text_split_index + levels,
                 batch,
             )
-        if image_hidden_states is not None:
-            if pixel_values is not None:
-                raise ValueError(
-                    "pass either pixel_values or image_hidden_states, not both."
-                )
-            self._check_hidden_states(
-                "image_hidden_states",
-                image_hidden_states,
-                config.vision_split_index + levels,
-                batch,
+        if image_hidden_states is not None or image_bridge_inputs is not None:
+            name = (
+                "image_hidden_states"
+                if image_bridge_inputs is None
+                else "image_bridge_inputs"
             )
+            if pixel_values is not None:
+                raise ValueError(f"pass either pixel_values or {name}, not both.")
+            if image_hidden_states is not None:
+                self._check_hidden_states(
+                    "image_hidden_states",
+                    image_hidden_states,
+                    config.vision_split_index + levels,
+                    batch,
+                )
         elif pixel_values is None:
             raise ValueError(
                 "pixel_values are required: BridgeTower always takes an image."
@@ -514,19 +580,11 @@ class BridgeTowerModel(nnx.Module):
                 f"pixel_values hold {pixel_values.shape[0]} images but input_ids hold "
                 f"{input_ids.shape[0]} texts; pass one image per text."
             )
-        # The reference turns 0 into 1 (`idx or 1`); any other row must exist.
-        image_type = image_token_type_idx or 1
-        if not 0 < image_type < self.token_type_embeddings.num_embeddings:
-            raise ValueError(
-                f"image_token_type_idx={image_token_type_idx} is outside the token-type "
-                f"table (rows 0..{self.token_type_embeddings.num_embeddings - 1}, row 0 is "
-                "text); use 1."
-            )
+        self._image_type_row(image_token_type_idx)  # Checks the index.
         rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         text_mask = layers.key_padding_mask(attention_mask)
-        vision = self.vision_model.visual
 
         # Text layers never see the image and vision blocks never see the text,
         # so each uni-modal stack runs whole before the cross-modal tower. The
@@ -536,29 +594,29 @@ class BridgeTowerModel(nnx.Module):
         text_stack = text_hidden_states[1:]
         text_hidden = _unstack(text_hidden_states)
 
-        if image_hidden_states is None:
-            image_hidden_states = self.image_hidden_states(
-                pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+        image_hidden = []
+        if image_bridge_inputs is None:
+            if image_hidden_states is None:
+                image_hidden_states = self.image_hidden_states(
+                    pixel_values, interpolate_pos_encoding=interpolate_pos_encoding
+                )
+            image_hidden = _unstack(image_hidden_states)
+            image_bridge_inputs = self.image_bridge_inputs(
+                image_hidden_states, image_token_type_idx=image_token_type_idx
             )
-        image_stack = image_hidden_states[1:]
-        image_hidden = _unstack(image_hidden_states)
 
         # Token-type rows are broadcast over every position of their stream.
         text_type = self.token_type_embeddings.embedding[0]
-        image_type_row = self.token_type_embeddings.embedding[image_type]
         cross_keys = None
         if rngs is not None:
             cross_keys = jax.random.split(rngs.dropout(), (levels, 2))
 
         # Level 0: the uni-modal outputs at the split, transformed and normalised.
-        text_split, image_split = config.text_split_index, config.vision_split_index
+        text_split = config.text_split_index
         cross_text = self.cross_modal_text_layernorm(
             self.text_transform(text_hidden[text_split], 0) + text_type
         )
-        cross_image = self.cross_modal_image_layernorm(
-            self.image_transform(vision.forward_post(image_hidden[image_split]), 0)
-            + image_type_row
-        )
+        cross_image = image_bridge_inputs[0]
 
         def first_level(modules, carry, keys):
             text_layer, image_layer = modules
@@ -579,14 +637,11 @@ class BridgeTowerModel(nnx.Module):
         # Levels 1..X-1: each level's uni-modal outputs are merged into the
         # previous level's cross-modal outputs by the link towers.
         def later_level(modules, carry, inputs):
-            text_transform, image_transform, text_link, image_link, *cross = modules
+            text_transform, text_link, image_link, *cross = modules
             text_in, image_in, keys = inputs
             previous_text, previous_image = carry
             cross_text = text_link(text_transform(text_in) + text_type, previous_text)
-            cross_image = image_link(
-                image_transform(vision.forward_post(image_in)) + image_type_row,
-                previous_image,
-            )
+            cross_image = image_link(image_in, previous_image)
             outputs = self._cross_modal_layers(
                 *cross, cross_text, cross_image, text_mask, keys
             )
@@ -597,13 +652,12 @@ class BridgeTowerModel(nnx.Module):
             # of text_hidden, which is row text_split - 1 + level of text_stack.
             inputs = (
                 text_stack[text_split : text_split + levels - 1],
-                image_stack[image_split : image_split + levels - 1],
+                image_bridge_inputs[1:],
                 None if cross_keys is None else cross_keys[1:],
             )
             level_modules = [
                 (
                     self._text_transform_module(level),
-                    self._image_transform_module(level),
                     *self.link_towers(level),
                     self.cross_modal_text_layers[level],
                     self.cross_modal_image_layers[level],

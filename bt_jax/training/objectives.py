@@ -180,6 +180,9 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
     needs_itc = "itc" in config.heads
     needs_pairs = bool(config.itm_weight) or needs_itc
     images = backbone.image_hidden_states(batch["pixel_values"])
+    # The bridges' image transforms depend on the image alone, so they run once
+    # per image and each pair indexes its image's rows.
+    bridge_inputs = backbone.image_bridge_inputs(images)
 
     # Rows of the cross-modal batch: [MLM texts, plain texts, negatives], each
     # part present only if an objective needs it.
@@ -193,7 +196,7 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
         jnp.concatenate([mask] * len(texts)),
         dropout_rng=text_rng,
     )
-    parts = [(text, mask, images) for text in texts]
+    parts = [(text, mask, bridge_inputs) for text in texts]
     metrics = {}
     total = jnp.zeros((), jnp.float32)
 
@@ -212,22 +215,16 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
             negative_ids, negative_mask, dropout_rng=negative_text_rng
         )
         text_states = jnp.concatenate([text_states, negative_states], axis=1)
-        parts.append((negative_ids, negative_mask, images[:, order]))
+        parts.append((negative_ids, negative_mask, bridge_inputs[:, order]))
 
-    # NOTE: on 2-core CPUs this fused step reached 41% and 50% of the float32
-    # matmul peak, against 62% and 58% for separate passes (bench/RESULTS.md). Per
-    # `python -m bench.step_parts`, the cross-modal tower on the 4B pairs takes
-    # most of the time at 58% of peak, and the gather below costs nothing
-    # measurable. Fusing removes the vision encoder's matmuls, which XLA runs
-    # best (73% of peak), so the step's share of peak falls.
-    image_states = jnp.concatenate([part[2] for part in parts], axis=1)
+    image_inputs = jnp.concatenate([part[2] for part in parts], axis=1)
     trace = backbone.forward_trace(
         jnp.concatenate([part[0] for part in parts]),
         jnp.concatenate([part[1] for part in parts]),
         None,
         dropout_rng=cross_rng,
         text_hidden_states=sharding.constrain(text_states, STACKED_AXES),
-        image_hidden_states=sharding.constrain(image_states, STACKED_AXES),
+        image_bridge_inputs=sharding.constrain(image_inputs, STACKED_AXES),
     )
 
     start = 0

@@ -1,0 +1,98 @@
+"""`forward_trace` from precomputed image states equals the pass from pixels.
+
+Training encodes each image once and pairs it with several texts by indexing
+the precomputed states (`image_hidden_states`, `image_bridge_inputs`). Both
+must give what a pass on the re-paired pixels gives; the pixel pass is the one
+that tests/test_parity.py compares with transformers.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bt_jax.config import BridgeTowerConfig
+from bt_jax.modeling.bridgetower import BridgeTowerModel
+from tests.helpers import make_batch, tiny_config
+
+ATOL = 1e-5
+
+
+def _model(shared_transforms: bool) -> tuple[BridgeTowerModel, dict]:
+    data = tiny_config(share_cross_modal_transformer_layers=shared_transforms)
+    config = BridgeTowerConfig.from_dict(data)
+    model = BridgeTowerModel(config, rngs=nnx.Rngs(params=0))
+    return model, make_batch(data, batch=3, empty_row=False)
+
+
+def _outputs(trace) -> dict[str, np.ndarray]:
+    return {
+        "text_features": np.asarray(trace.text_features),
+        "image_features": np.asarray(trace.image_features),
+        "pooler_output": np.asarray(trace.pooler_output),
+    }
+
+
+@pytest.mark.parametrize(
+    "shared_transforms", [True, False], ids=["shared", "per-level"]
+)
+@pytest.mark.parametrize("source", ["image_hidden_states", "image_bridge_inputs"])
+def test_forward_trace_repaired_states_match_pixels(shared_transforms, source):
+    model, batch = _model(shared_transforms)
+    ids = jnp.asarray(batch["input_ids"])
+    mask = jnp.asarray(batch["attention_mask"])
+    pixels = jnp.asarray(batch["pixel_values"])
+    order = jnp.asarray([2, 0, 0])
+
+    expected = _outputs(model.forward_trace(ids, mask, pixels[order]))
+    states = model.image_hidden_states(pixels)
+    if source == "image_bridge_inputs":
+        states = model.image_bridge_inputs(states)
+    trace = model.forward_trace(ids, mask, None, **{source: states[:, order]})
+    for name, value in _outputs(trace).items():
+        np.testing.assert_allclose(value, expected[name], atol=ATOL, err_msg=name)
+
+
+def test_image_bridge_inputs_shape():
+    model, batch = _model(shared_transforms=False)
+    states = model.image_hidden_states(jnp.asarray(batch["pixel_values"]))
+    inputs = model.image_bridge_inputs(states)
+    config = model.config
+    assert inputs.shape == (config.num_hidden_layers, *states.shape[1:])
+
+
+def test_forward_trace_image_bridge_inputs_errors():
+    model, batch = _model(shared_transforms=True)
+    ids = jnp.asarray(batch["input_ids"])
+    pixels = jnp.asarray(batch["pixel_values"])
+    states = model.image_hidden_states(pixels)
+    inputs = model.image_bridge_inputs(states)
+    with pytest.raises(ValueError, match="either pixel_values or image_bridge_inputs"):
+        model.forward_trace(ids, None, pixels, image_bridge_inputs=inputs)
+    with pytest.raises(ValueError, match="either image_hidden_states or image_bridge"):
+        model.forward_trace(
+            ids, None, None, image_hidden_states=states, image_bridge_inputs=inputs
+        )
+    with pytest.raises(ValueError, match=r"image_bridge_inputs have shape"):
+        model.forward_trace(ids, None, None, image_bridge_inputs=inputs[:, :2])
+    with pytest.raises(ValueError, match=r"image_hidden_states have shape"):
+        model.image_bridge_inputs(states[1:])
+
+
+def test_forward_trace_image_bridge_inputs_under_jit():
+    model, batch = _model(shared_transforms=True)
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(batch["input_ids"])
+    pixels = jnp.asarray(batch["pixel_values"])
+
+    @jax.jit
+    def pooled(state, ids, pixels):
+        backbone = nnx.merge(graphdef, state)
+        inputs = backbone.image_bridge_inputs(backbone.image_hidden_states(pixels))
+        return backbone.forward_trace(
+            ids, None, None, image_bridge_inputs=inputs
+        ).pooler_output
+
+    expected = model.forward_trace(ids, None, pixels).pooler_output
+    np.testing.assert_allclose(pooled(state, ids, pixels), expected, atol=ATOL)
