@@ -322,21 +322,25 @@ def test_setup_model_config_gets_itc_sizes():
     assert with_itc.hidden_size == plain.hidden_size
 
 
-def test_step_constrains_activations_without_mesh():
-    # The training program never enters `jax.set_mesh`; the step must still
-    # split activations over the batch axes. Without the constraints, XLA's
-    # partitioner gathered whole batches of queries and keys onto each device.
+def _trainer_and_batch_shapes(global_batch_size):
+    """Return the tiny pretraining Trainer and its batch's ShapeDtypeStructs."""
     from train.memory import abstract_batch
 
-    config = _config(global_batch_size=4)
+    config = _config(global_batch_size=global_batch_size)
     settings = RunSettings.from_config(config, needs_data=False)
     mesh = setup.make_mesh((1, -1, 1))
     model_config = setup.load_model_config(config, settings.objective.heads)
     trainer = setup.make_trainer(config, settings, model_config, mesh)
+    return trainer, abstract_batch(config, model_config, mesh)
+
+
+def test_step_constrains_activations_without_mesh():
+    # The training program never enters `jax.set_mesh`; the step must still
+    # split activations over the batch axes. Without the constraints, XLA's
+    # partitioner gathered whole batches of queries and keys onto each device.
+    trainer, shapes = _trainer_and_batch_shapes(4)
     assert jax.sharding.get_abstract_mesh().empty
-    lowered = trainer.step.lower(
-        trainer.abstract_state(), abstract_batch(config, model_config, mesh)
-    ).as_text()
+    lowered = trainer.step.lower(trainer.abstract_state(), shapes).as_text()
     hidden = '[{"data", "fsdp"}, {}, {}]'
     heads = '[{"data", "fsdp"}, {}, {"tensor"}, {}]'
     constraints = [
@@ -344,3 +348,47 @@ def test_step_constrains_activations_without_mesh():
     ]
     assert any(hidden in line for line in constraints)
     assert any(heads in line for line in constraints)
+
+
+def test_compile_step_matches_jitted_step():
+    # The ahead-of-time step, compiled before any state exists, must compute
+    # what the jitted step computes from the same state and batch.
+    trainer, shapes = _trainer_and_batch_shapes(2)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for key, shape in shapes.items():
+        if jnp.issubdtype(shape.dtype, jnp.integer):
+            arrays[key] = rng.integers(3, 90, shape.shape).astype(shape.dtype)
+        else:
+            arrays[key] = rng.normal(size=shape.shape).astype(shape.dtype)
+    arrays["attention_mask"][:] = 1
+    arrays["mlm_labels"][:, ::2] = -100
+    arrays["record_index"] = np.arange(shapes["record_index"].shape[0])
+    batch = trainer.shard_batch(arrays)
+    compiled = trainer.compile_step(batch)
+    _, expected = trainer.step(trainer.init(jax.random.key(0)), batch)
+    _, metrics = compiled(trainer.init(jax.random.key(0)), batch)
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="malloc_trim is glibc's"
+)
+def test_release_free_host_memory_shrinks_rss():
+    from bt_jax.training.step import release_free_host_memory
+
+    def resident_mib():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096 / 2**20
+
+    # 100 KiB blocks stay below glibc's mmap threshold, so they come from the
+    # heap. The last block pins the heap's top, so free() cannot shrink it.
+    blocks = [np.ones(100 * 1024, np.uint8) for _ in range(3000)]
+    pin = np.ones(100 * 1024, np.uint8)
+    del blocks
+    before = resident_mib()
+    release_free_host_memory()
+    after = resident_mib()
+    del pin
+    assert before - after > 150, (before, after)

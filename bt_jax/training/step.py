@@ -11,8 +11,11 @@ runs the microbatches in a `lax.scan`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
+import logging
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,6 +41,8 @@ from bt_jax.training.optim import (
 from bt_jax.training.tasks import check_task, task_loss
 
 BATCH_AXES = ("data", "fsdp")
+
+logger = logging.getLogger(__name__)
 
 
 class TrainState(NamedTuple):
@@ -139,10 +144,13 @@ class Trainer:
         # Traced under the mesh, so the model's activation constraints apply.
         under_mesh = functools.partial(sharding.traced_under, self.mesh)
         self.init = jax.jit(under_mesh(self._init), out_shardings=self.state_shardings)
+        # Donating the parameters lets the state hold the same buffers instead
+        # of a copy (1.4 GiB at base size), so callers must not reuse them.
         self.init_from_params = jax.jit(
             under_mesh(self._init_from_params),
             in_shardings=(self.state_shardings.params, None),
             out_shardings=self.state_shardings,
+            donate_argnums=(0,),
         )
         # The gradients and metrics `step` applies, for checks and tools.
         self.gradients = jax.jit(
@@ -285,6 +293,22 @@ class Trainer:
         new_state = TrainState(state.step + 1, params, opt_state, state.rng)
         return new_state, metrics
 
+    def compile_step(self, batch: dict[str, jax.Array]) -> jax.stages.Compiled:
+        """Compile `step` for `batch`'s shapes before any state exists, and return it.
+
+        Call it before creating or restoring the state. XLA's compiler frees
+        much of its working memory into the C heap, where it stays resident.
+        This method hands those pages back to the operating system
+        (`release_free_host_memory`), so they do not add to the peak when the
+        state and the step's buffers are allocated. On CPU, compiling the base
+        pretraining step left 1.8 GiB resident, of which this released 1.0 GiB.
+        The result takes `(state, batch)` like `step`, for batches of the same
+        shapes and shardings.
+        """
+        compiled = self.step.lower(self.abstract_state(), batch).compile()
+        release_free_host_memory()
+        return compiled
+
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Place this process's share of the global batch on the mesh."""
         arrays = {}
@@ -312,3 +336,19 @@ def _split_micro(x: jax.Array, count: int) -> jax.Array:
 
 def _first_micro(micro):
     return jax.tree.map(lambda x: x[0], micro)
+
+
+def release_free_host_memory() -> None:
+    """Return the C heap's free pages to the operating system (glibc only).
+
+    Freed memory often stays in the process's heap, and so in its resident
+    size, until glibc's `malloc_trim` releases it. Elsewhere (macOS, musl) this
+    does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        logger.debug("malloc_trim is unavailable; host memory not released")
