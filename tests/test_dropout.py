@@ -31,10 +31,31 @@ def test_dropout_mask_keep_rate_matches_rate(rate, shape):
     assert abs(mask.mean() - keep) < 5 * sigma
 
 
-def test_dropout_mask_rate_rounding():
+def test_mask_threshold_rounds_rate():
     # 0.1 is 6553.6 / 65536 and rounds to 6554 / 65536.
-    assert _keep_probability(0.1) == pytest.approx(1 - 6554 / 65536)
-    assert abs(_keep_probability(0.1) - 0.9) < 1 / layers.MASK_LEVELS
+    assert layers.mask_threshold(0.1) == 6554
+    assert layers.mask_threshold(0.0) == 0
+    assert layers.mask_threshold(1 - 2**-16) == 65535
+
+
+@pytest.mark.parametrize("rate", [1e-6, 1 - 1e-6, 0.9999999])
+def test_mask_threshold_rate_rounding_to_edge_rejected(rate):
+    with pytest.raises(ValueError, match=f"dropout rate {rate} rounds to"):
+        layers.mask_threshold(rate)
+
+
+def test_apply_dropout_highest_rate_scale():
+    # 65535 of 65536 levels dropped: the kept entries are scaled by 65536.
+    x = jnp.ones((64, 4096), jnp.float32)
+    rngs = nnx.Rngs(dropout=jax.random.key(8))
+    out = np.asarray(layers.apply_dropout(nnx.Dropout(1 - 2**-16), x, rngs))
+    assert set(np.unique(out)) <= {0.0, 65536.0}
+    assert (out == 0).mean() > 0.99
+
+
+def test_dropout_mask_scalar_shape():
+    mask = layers.dropout_mask(jax.random.key(9), 0.5, ())
+    assert mask.shape == ()
 
 
 @pytest.mark.parametrize("offset", [1, 2, 3, 4, 5])
@@ -67,9 +88,17 @@ def test_dropout_mask_accepts_raw_and_rbg_keys():
         assert 0.4 < mask.mean() < 0.6
 
 
-def test_dropout_mask_rate_outside_range_rejected():
-    with pytest.raises(ValueError, match=r"\[0, 1\), got 1.0"):
-        layers.dropout_mask(jax.random.key(0), 1.0, (4,))
+@pytest.mark.parametrize("rate", [1.0, -0.1])
+def test_dropout_mask_rate_outside_range_rejected(rate):
+    with pytest.raises(ValueError, match=rf"\[0, 1\), got {rate}"):
+        layers.dropout_mask(jax.random.key(0), rate, (4,))
+
+
+def test_apply_dropout_broadcast_dims_rejected():
+    rngs = nnx.Rngs(dropout=jax.random.key(0))
+    dropout = nnx.Dropout(0.5, broadcast_dims=(1,))
+    with pytest.raises(NotImplementedError, match=r"broadcast_dims=\(1,\)"):
+        layers.apply_dropout(dropout, jnp.ones((2, 3)), rngs)
 
 
 def test_apply_dropout_unbiased_and_scaled():

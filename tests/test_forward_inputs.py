@@ -78,6 +78,10 @@ def test_forward_trace_image_bridge_inputs_errors():
         model.forward_trace(ids, None, None, image_bridge_inputs=inputs[:, :2])
     with pytest.raises(ValueError, match=r"image_hidden_states have shape"):
         model.image_bridge_inputs(states[1:])
+    with pytest.raises(ValueError, match="image_token_type_idx=2 has no effect"):
+        model.forward_trace(
+            ids, None, None, image_bridge_inputs=inputs, image_token_type_idx=2
+        )
 
 
 def test_forward_trace_image_bridge_inputs_under_jit():

@@ -30,6 +30,7 @@ VARIANTS = {
         "text_config": {"num_hidden_layers": 4},
         "vision_config": {"num_hidden_layers": 4},
     },
+    "one_cross_layer": {"num_hidden_layers": 1},
     "wide_vision": {"vision_config": {"hidden_size": 128}},
     "share_layernorm_false": {"vision_config": {"share_layernorm": False}},
     "tied_word_embeddings": {"tie_word_embeddings": True},

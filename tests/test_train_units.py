@@ -1,6 +1,7 @@
 """Fast checks of the training program's parts: settings, recall, tables, logs, errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -380,7 +381,8 @@ def test_release_free_host_memory_shrinks_rss():
 
     def resident_mib():
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * 4096 / 2**20
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     # 100 KiB blocks stay below glibc's mmap threshold, so they come from the
     # heap. The last block pins the heap's top, so free() cannot shrink it.

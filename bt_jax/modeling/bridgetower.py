@@ -322,12 +322,12 @@ class BridgeTowerModel(nnx.Module):
         """
         levels = self.config.num_hidden_layers
         split = self.config.vision_split_index
-        self._check_hidden_states(
-            "image_hidden_states",
-            image_hidden_states,
-            split + levels,
-            image_hidden_states.shape[1],
-        )
+        if image_hidden_states.ndim != 4 or len(image_hidden_states) != split + levels:
+            raise ValueError(
+                f"image_hidden_states have shape {tuple(image_hidden_states.shape)}; "
+                f"expected ({split + levels}, batch, tokens, width). Compute them "
+                "with image_hidden_states(pixel_values)."
+            )
         type_row = self._image_type_row(image_token_type_idx)
         post = self.vision_model.visual.forward_post
         rows = []
@@ -534,7 +534,10 @@ class BridgeTowerModel(nnx.Module):
         encoder's pass, and `pixel_values` must then be None.
         `image_bridge_inputs` (from `image_bridge_inputs`) replaces both the
         vision encoder and the bridges' image transforms; `pixel_values` must be
-        None and the trace's `image_hidden_states` is then empty.
+        None and the trace's `image_hidden_states` is then empty. The token-type
+        row is already in them, so a non-default `image_token_type_idx` must go
+        to `image_bridge_inputs` instead. With either kind of precomputed
+        states, `interpolate_pos_encoding` has no effect.
         `text_hidden_states` (from `text_hidden_states`) replaces the text
         encoder's pass; `input_ids` must still be given, for their shape.
         """
@@ -549,6 +552,12 @@ class BridgeTowerModel(nnx.Module):
             self._check_hidden_states(
                 "image_bridge_inputs", image_bridge_inputs, levels, batch
             )
+            if (image_token_type_idx or 1) != 1:
+                raise ValueError(
+                    f"image_token_type_idx={image_token_type_idx} has no effect on "
+                    "image_bridge_inputs, which already contain the token-type "
+                    "row; pass it to image_bridge_inputs(...) instead."
+                )
         if text_hidden_states is not None:
             self._check_hidden_states(
                 "text_hidden_states",
@@ -580,7 +589,7 @@ class BridgeTowerModel(nnx.Module):
                 f"pixel_values hold {pixel_values.shape[0]} images but input_ids hold "
                 f"{input_ids.shape[0]} texts; pass one image per text."
             )
-        self._image_type_row(image_token_type_idx)  # Checks the index.
+        self._image_type_row(image_token_type_idx)  # Raises for a bad index.
         rngs = None if dropout_rng is None else nnx.Rngs(dropout=dropout_rng)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
