@@ -17,7 +17,7 @@ from flax import nnx
 from bt_jax import hub, sharding
 from bt_jax.training.objectives import ObjectiveConfig
 from bt_jax.training.optim import OptimizerConfig
-from bt_jax.training.step import Trainer, release_free_host_memory
+from bt_jax.training.step import Trainer
 
 TEXT_KEYS = ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels")
 TRAIN_REMAT = "dots"
@@ -108,11 +108,7 @@ class JaxRunner:
             batch["attention_mask"],
             batch["pixel_values"],
         )
-        values = np.asarray(values)
-        # This check's compilation is not part of training, so its freed
-        # working memory must not count in the step's peak RSS.
-        release_free_host_memory()
-        return values
+        return np.asarray(values)
 
     def call(self) -> None:
         """Run one timed call and wait for its result."""
