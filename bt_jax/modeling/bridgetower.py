@@ -442,6 +442,10 @@ class BridgeTowerModel(nnx.Module):
             # recomputation with the forward pass, so CSE prevention is not needed.
             pure = jax.checkpoint(pure, policy=policy, prevent_cse=not scan)
         if scan:
+            # NOTE: stacking copies the layers' parameters inside each traced
+            # call. In the base pretraining step on CPU that copy was 1.07 GB of
+            # the peak, which kept it above PyTorch's. Storing scanned layers
+            # stacked in the train state would avoid the copy.
             states = jax.tree.map(
                 lambda *leaves: jnp.stack(leaves), *[state for _, state in splits]
             )
