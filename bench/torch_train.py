@@ -21,7 +21,7 @@ ITM and ITC heads, so the three heads share one backbone as in bt-jax's
 
    with `share_image_encoding` (bt-jax's default), the vision encoder and the
    bridges' image transforms run once on the batch's images, and each pass
-   replays their outputs, re-paired for the negatives; otherwise every pass
+   replays their outputs, re-paired for the negatives. Otherwise every pass
    encodes and transforms its images;
 4. backward of MLM + ITM + ITC, the global norms of the gradients and of the
    parameters, and one `torch.optim.AdamW` step with bt-jax's parameter groups
@@ -219,7 +219,7 @@ class PretrainingModel(torch.nn.Module):
         """Return each cross-modal level's image transform of `encode_images` states.
 
         Level l transforms the post-normalised output of block split + l, as the
-        backbone does; the results are batch-first, `(batch, tokens, width)`.
+        backbone does. The results are batch-first, `(batch, tokens, width)`.
         """
         backbone = self.bridgetower
         levels = len(backbone.cross_modal_image_layers)

@@ -537,8 +537,8 @@ class BridgeTowerModel(nnx.Module):
         `image_hidden_states` (from `image_hidden_states`) replaces the vision
         encoder's pass, and `pixel_values` must then be None.
         `image_bridge_inputs` (from `image_bridge_inputs`) replaces both the
-        vision encoder and the bridges' image transforms; `pixel_values` must be
-        None and the trace's `image_hidden_states` is then empty. The token-type
+        vision encoder and the bridges' image transforms. `pixel_values` must be
+        None, and the trace's `image_hidden_states` is then empty. The token-type
         row is already in them, so a non-default `image_token_type_idx` must go
         to `image_bridge_inputs` instead. With either kind of precomputed
         states, `interpolate_pos_encoding` has no effect.
