@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.jax_runner import JaxRunner
     from bt_jax.config import load_preset
     from bt_jax.modeling.heads import BridgeTowerForPreTraining
+    from bt_jax.training.layout import StackedLayout
 
     config = load_preset(CONFIGS / f"{args.size}.py").replace(
         contrastive_hidden_size=512, logit_scale_init_value=2.6592
@@ -60,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     model.bridgetower.remat = "dots"
     model.bridgetower.scan_layers = True
     graphdef, params = nnx.split(model, nnx.Param)
+    # Stacked as `Trainer` stores them, so the parts read the scanned layers in
+    # place as the step does.
+    layout = StackedLayout.for_model(model)
+    params = layout.stack(nnx.to_pure_dict(params))
+
+    def merge(p):
+        return nnx.merge(graphdef, layout.unstack(p))
+
     size = args.batch
     image = config.vision_config.image_size
     rng = np.random.default_rng(0)
@@ -74,22 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def vision(p):
-        backbone = nnx.merge(graphdef, p).bridgetower
+        backbone = merge(p).bridgetower
         return jnp.mean(backbone.image_hidden_states(pixels) ** 2)
 
     def text(p):
-        backbone = nnx.merge(graphdef, p).bridgetower
+        backbone = merge(p).bridgetower
         states = backbone.text_hidden_states(
             ids[: 3 * size], mask[: 3 * size], dropout_rng=jax.random.key(1)
         )
         return jnp.mean(states**2)
 
-    backbone = nnx.merge(graphdef, params).bridgetower
+    backbone = merge(params).bridgetower
     image_states = backbone.image_hidden_states(pixels)
     text_states = backbone.text_hidden_states(ids, mask)
 
     def cross(p, text_in, image_in):
-        trace = nnx.merge(graphdef, p).bridgetower.forward_trace(
+        trace = merge(p).bridgetower.forward_trace(
             ids,
             mask,
             None,

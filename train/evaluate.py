@@ -131,7 +131,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         scan_layers=False,
     )
     _, params = hub.from_pretrained(args.model, head=trainer.head, mesh=mesh)
-    params = jax.device_put(nnx.to_pure_dict(params), trainer.state_shardings.params)
+    params = jax.device_put(
+        trainer.stack_params(nnx.to_pure_dict(params)), trainer.state_shardings.params
+    )
     evaluator = TaskEvaluator(
         trainer,
         batch_size // jax.process_count(),

@@ -11,6 +11,7 @@ iterator's position all come from the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bt_jax import hub
-from bt_jax.checkpoint import RunCheckpoints
+from bt_jax.checkpoint import CheckpointMismatchError, RunCheckpoints
 from bt_jax.data import PipelineConfig, make_pipeline
 from bt_jax.evaluation import write_results
 from bt_jax.training import summary
@@ -182,14 +183,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
         async_save=config.checkpoint.async_save,
     )
     latest = checkpoints.latest_step()
+    restore_as = abstract
     if latest is not None:
-        checkpoints.check_compatible(latest, abstract)
+        restore_as = restore_target(trainer, checkpoints, latest, abstract)
     _log_parameters(trainer, abstract, workdir)
 
     iterator = iter(make_pipeline(train_records, processor, pipeline_config))
     if latest is not None:
         _stage("resuming from step %d in %s", latest, checkpoints.directory)
-        state = checkpoints.restore(latest, abstract, iterator)
+        state = checkpoints.restore(latest, restore_as, iterator)
+        if restore_as is not abstract:
+            state = trainer.stack_state(state)
     elif config.init_from and config.task == "pretrain" and not config.image_size:
         _stage("initialising from %s", config.init_from)
         _, params = hub.from_pretrained(
@@ -241,6 +245,34 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, Any]:
         text = report.write_report(workdir, config)
         logger.info("report:\n%s", text)
     return final
+
+
+def restore_target(trainer: Trainer, checkpoints: RunCheckpoints, step: int, abstract):
+    """Return the abstract state to restore checkpoint `step` into.
+
+    That is `abstract` (the trainer's state), or, for a checkpoint that stores
+    every layer on its own, the per-layer state of the same trainer with
+    `scan_layers=False`. Checkpoints written before scanned layers were stored
+    stacked have that layout; `Trainer.stack_state` converts the restored state.
+    Raises `CheckpointMismatchError` for a checkpoint of another model.
+    """
+    try:
+        checkpoints.check_compatible(step, abstract)
+        return abstract
+    except CheckpointMismatchError as mismatch:
+        if not trainer.layout.runs:
+            raise
+        per_layer = dataclasses.replace(trainer, scan_layers=False).abstract_state()
+        try:
+            checkpoints.check_compatible(step, per_layer)
+        except CheckpointMismatchError:
+            raise mismatch from None
+    logger.info(
+        "checkpoint step %d stores each layer on its own; stacking the scanned "
+        "runs after restoring it",
+        step,
+    )
+    return per_layer
 
 
 def _export(trainer: Trainer, state, processor, directory: Path) -> None:

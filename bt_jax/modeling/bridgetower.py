@@ -404,6 +404,35 @@ class BridgeTowerModel(nnx.Module):
         count = self.config.vision_split_index + self.config.num_hidden_layers - 1
         return list(self.vision_model.visual.transformer.resblocks[:count])
 
+    def scanned_runs(self) -> list[tuple[tuple[str, ...], int, int]]:
+        """Return the runs of layers that `scan_layers` scans, as (path, start, stop).
+
+        Layers `start` to `stop - 1` of the list at attribute path `path` run as
+        one `lax.scan`, in that order; runs of one layer are left out. Storing
+        each run's parameters stacked (`bt_jax.training.layout`) lets the scan
+        read them without the copy `_run_stack` otherwise makes.
+        """
+        config = self.config
+        levels = config.num_hidden_layers
+        runs = [
+            (("text_model", "encoder", "layer"), 0, len(self._bridged_text_layers())),
+            (
+                ("vision_model", "visual", "transformer", "resblocks"),
+                0,
+                len(self._bridged_image_blocks()),
+            ),
+            (("cross_modal_text_layers",), 1, levels),
+            (("cross_modal_image_layers",), 1, levels),
+        ]
+        # `forward_trace` scans levels 1.. with their text transforms and link
+        # towers; shared ones are single modules and stay out of the stacks.
+        if not config.share_cross_modal_transformer_layers:
+            runs.append((("cross_modal_text_transform",), 1, levels))
+        if not config.share_link_tower_layers:
+            runs.append((("cross_modal_text_link_tower",), 0, levels - 1))
+            runs.append((("cross_modal_image_link_tower",), 0, levels - 1))
+        return [run for run in runs if run[2] - run[1] > 1]
+
     def _run_stack(self, modules: Sequence, step: Callable, carry, xs=None):
         """Apply `step(module, carry, x) -> (carry, y)` over `modules` in order.
 
@@ -442,10 +471,8 @@ class BridgeTowerModel(nnx.Module):
             # recomputation with the forward pass, so CSE prevention is not needed.
             pure = jax.checkpoint(pure, policy=policy, prevent_cse=not scan)
         if scan:
-            # NOTE: stacking copies the layers' parameters inside each traced
-            # call. In the base pretraining step on CPU that copy was 1.07 GB of
-            # the peak, which kept it above PyTorch's. Storing scanned layers
-            # stacked in the train state would avoid the copy.
+            # Stacking copies the layers' parameters, unless they are rows of
+            # one stored array (`scanned_runs`), which XLA folds back.
             states = jax.tree.map(
                 lambda *leaves: jnp.stack(leaves), *[state for _, state in splits]
             )

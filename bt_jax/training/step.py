@@ -2,9 +2,11 @@
 
 The state is a pytree of arrays (`TrainState`), placed on the mesh by the
 logical axis rules: parameters as `bt_jax.sharding.param_shardings` gives,
-optimizer moments like their parameters, scalars replicated. It is created by
-a jitted function whose outputs already carry those shardings, so full
-parameters never sit on one device. The step is one `jax.jit` with explicit
+optimizer moments like their parameters, scalars replicated. The state is
+created by a jitted function whose outputs already carry those shardings, so
+full parameters never sit on one device. With scanned layers, the state stores
+each scanned run of layers stacked (`bt_jax.training.layout`), so the step does
+not copy them; `Trainer.model_from_params` accepts that layout. The step is one `jax.jit` with explicit
 input and output shardings that donates the old state; gradient accumulation
 runs the microbatches in a `lax.scan`.
 """
@@ -31,6 +33,7 @@ from bt_jax.config import TASK_HEADS, BridgeTowerConfig
 from bt_jax.modeling.bridgetower import REMAT_POLICIES
 from bt_jax.modeling.heads import BridgeTowerForPreTraining
 from bt_jax.modeling.tasks import TASK_MODEL_CLASSES
+from bt_jax.training import layout
 from bt_jax.training.objectives import ObjectiveConfig, pretraining_loss
 from bt_jax.training.optim import (
     OptimizerConfig,
@@ -62,10 +65,10 @@ def _path_names(path) -> tuple:
     return tuple(names)
 
 
-def _label_function(labels: nnx.State) -> Callable[[Any], Any]:
+def _label_function(labels: dict) -> Callable[[Any], Any]:
     table = {
-        tuple(path): leaf.get_value() if hasattr(leaf, "get_value") else leaf
-        for path, leaf in nnx.to_flat_state(labels)
+        _path_names(path): label
+        for path, label in jax.tree_util.tree_leaves_with_path(labels)
     }
 
     def label_tree(params):
@@ -92,7 +95,8 @@ class Trainer:
       remat: per-layer rematerialisation, "none", "full" or "dots"
         (`bt_jax.modeling.bridgetower.REMAT_POLICIES`).
       scan_layers: run each stack of layers as one `lax.scan`
-        (`BridgeTowerModel.scan_layers`); the step compiles faster.
+        (`BridgeTowerModel.scan_layers`); the step compiles faster. The state
+        then stores each scanned run stacked (`layout`).
       task: "pretrain" and "retrieval" train `BridgeTowerForPreTraining` with
         `objective`; "vqa", "nlvr2" and "snli-ve" train that task's model and
         loss (`bt_jax.training.tasks`).
@@ -127,15 +131,22 @@ class Trainer:
                 "the model has state other than parameters, which Trainer does "
                 "not carry through steps."
             )
+        self.layout = layout.StackedLayout.for_model(abstract)
+        labels = nnx.to_pure_dict(parameter_labels(abstract))
         self.tx = make_optimizer(
-            self.optimizer, _label_function(parameter_labels(abstract))
+            self.optimizer,
+            _label_function(self.layout.stack(labels, layout.stack_equal)),
         )
 
         # The state contains plain nested dicts of arrays: NNX variable metadata
         # (such as the mesh it was created under) would make the trees of the
-        # state and of its shardings differ.
-        self.param_shardings = nnx.to_pure_dict(
+        # state and of its shardings differ. `layer_param_shardings` are those of
+        # the per-layer dicts models hold, `param_shardings` those of the state.
+        self.layer_param_shardings = nnx.to_pure_dict(
             sharding.param_shardings(abstract_params, self.mesh, self.rules)
+        )
+        self.param_shardings = self.layout.stack(
+            self.layer_param_shardings, layout.stack_shardings
         )
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
         abstract_state = jax.eval_shape(self._init, jax.random.key(0))
@@ -144,9 +155,7 @@ class Trainer:
         # Traced under the mesh, so the model's activation constraints apply.
         under_mesh = functools.partial(sharding.traced_under, self.mesh)
         self.init = jax.jit(under_mesh(self._init), out_shardings=self.state_shardings)
-        # Donating the parameters lets the state hold the same buffers instead
-        # of a copy (1.4 GiB at base size), so callers must not reuse them.
-        self.init_from_params = jax.jit(
+        self._init_from_stacked = jax.jit(
             under_mesh(self._init_from_params),
             in_shardings=(self.state_shardings.params, None),
             out_shardings=self.state_shardings,
@@ -198,7 +207,7 @@ class Trainer:
         model = self._model(params_rng)
         params = jax.tree.map(
             jax.lax.with_sharding_constraint,
-            nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+            self.layout.stack(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
             self.param_shardings,
         )
         return TrainState(
@@ -207,6 +216,41 @@ class Trainer:
             opt_state=self.tx.init(params),
             rng=state_rng,
         )
+
+    def init_from_params(self, params: dict, rng: jax.Array) -> TrainState:
+        """Return the initial state for per-layer `params` (`nnx.to_pure_dict`).
+
+        `params` are consumed, so callers must not reuse them. The state uses
+        their buffers instead of copies (1.4 GiB at base size). Each run of
+        layers that the state stores stacked is stacked, and its per-layer
+        arrays deleted, before the next run, so at most one run is held twice.
+        NumPy parameters are stacked on the host and cannot be deleted here.
+        """
+        return self._init_from_stacked(self.layout.stack(params, _stack_consuming), rng)
+
+    def stack_state(self, state: TrainState) -> TrainState:
+        """Return a per-layer train state laid out and sharded like this trainer's.
+
+        `state` is one of a trainer with `scan_layers=False`, such as a
+        checkpoint written before scanned layers were stored stacked. Its
+        parameters and the optimizer's per-parameter trees are stacked run by
+        run, and `state` is consumed like the parameters of `init_from_params`.
+        """
+        top = set(self.param_shardings)
+
+        def is_param_tree(node) -> bool:
+            return isinstance(node, dict) and set(node) == top
+
+        stacked = jax.tree.map(
+            lambda node: (
+                self.layout.stack(node, _stack_consuming)
+                if is_param_tree(node)
+                else node
+            ),
+            state,
+            is_leaf=is_param_tree,
+        )
+        return jax.device_put(stacked, self.state_shardings)
 
     def _init_from_params(self, params: dict, rng: jax.Array) -> TrainState:
         return TrainState(
@@ -245,7 +289,7 @@ class Trainer:
         return jax.tree_util.tree_map_with_path(choose, abstract_state)
 
     def _loss(self, params, batch, rng):
-        model = nnx.merge(self.graphdef, params)
+        model = self.model_from_params(params)
         if self.task in TASK_HEADS:
             return task_loss(model, batch, rng, self.task)
         return pretraining_loss(model, batch, rng, self.objective)
@@ -325,7 +369,31 @@ class Trainer:
         return self.model_from_params(state.params)
 
     def model_from_params(self, params: dict) -> nnx.Module:
-        return nnx.merge(self.graphdef, params)
+        """Return the model with `params`, laid out like the state's."""
+        return nnx.merge(self.graphdef, self.layout.unstack(params))
+
+    def stack_params(self, params: dict) -> dict:
+        """Lay out per-layer `params` (`nnx.to_pure_dict`) like the state's."""
+        return self.layout.stack(params)
+
+    def unstack_params(self, params: dict) -> dict:
+        """Split the state's stacked runs into the per-layer dict models hold."""
+        return self.layout.unstack(params)
+
+
+def _stack_consuming(leaves) -> jax.Array | np.ndarray:
+    """Stack `leaves` and delete those that are JAX arrays.
+
+    NumPy leaves are stacked on the host, so that the jitted caller places
+    each shard on its device instead of the whole run landing on one.
+    """
+    if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+        return np.stack(leaves)
+    stacked = jnp.stack(leaves)
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            leaf.delete()
+    return stacked
 
 
 def _split_micro(x: jax.Array, count: int) -> jax.Array:
