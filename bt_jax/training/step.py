@@ -5,10 +5,10 @@ logical axis rules: parameters as `bt_jax.sharding.param_shardings` gives,
 optimizer moments like their parameters, scalars replicated. The state is
 created by a jitted function whose outputs already carry those shardings, so
 full parameters never sit on one device. With scanned layers, the state stores
-each scanned run of layers stacked (`bt_jax.training.layout`), so the step does
-not copy them; `Trainer.model_from_params` accepts that layout. The step is one `jax.jit` with explicit
-input and output shardings that donates the old state; gradient accumulation
-runs the microbatches in a `lax.scan`.
+each scanned run of layers stacked (`bt_jax.training.layout`), so the step
+does not copy them, and `Trainer.model_from_params` accepts that layout. The
+step is one `jax.jit` with explicit input and output shardings that donates
+the old state; gradient accumulation runs the microbatches in a `lax.scan`.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class Trainer:
         return self._init_from_stacked(self.layout.stack(params, _stack_consuming), rng)
 
     def stack_state(self, state: TrainState) -> TrainState:
-        """Return a per-layer train state laid out and sharded like this trainer's.
+        """Convert a per-layer train state to this trainer's layout and shardings.
 
         `state` is one of a trainer with `scan_layers=False`, such as a
         checkpoint written before scanned layers were stored stacked. Its
