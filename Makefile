@@ -1,10 +1,10 @@
 # The two entry points a newcomer needs; both set up .venv first.
 #   make demo   build a random base-size checkpoint with transformers, convert it
-#               to bt-jax and print the parity report against PyTorch; then run
-#               the quickstart notebook on the bundled sample photos with a tiny
-#               random checkpoint and save its figure; build the sample photos
-#               as a TFDS dataset and print its statistics; train a small model
-#               from scratch on the sample photos and write its report and curves
+#               to bt-jax and print the parity report against PyTorch. Then
+#               build the sample photos as a TFDS dataset and print its
+#               statistics, run the quickstart notebook on them with a tiny
+#               random checkpoint and save its figure, and train a small model
+#               from scratch on the sample photos and write its report and curves.
 #   make test   lint and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
