@@ -440,7 +440,11 @@ def run_row(
         result[name] = values
     result["ratio"] = result["jax"]["median"] / result["torch"]["median"]
     result["flops_per_call"] = row_flops(row, config)
-    if not row.task.startswith("train"):
+    if row.task.startswith("train"):
+        result["reference_extra_flops"] = flops.train_reference_extra_flops(
+            config, row.batch, row.length
+        )
+    else:
         result["reference_extra_flops"] = flops.reference_extra_flops(
             config, row.task, row.batch, row.length
         )

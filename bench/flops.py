@@ -20,8 +20,11 @@ The count follows the order of transformers' `BridgeTowerModel.forward`:
 Counts cover the matmuls that a pass's outputs depend on, which is what
 bt-jax runs under XLA. The MLM head reads only the text stream, so an MLM
 pass needs neither the last image cross-modal layer nor the poolers. XLA
-removes them as dead code, but PyTorch's eager mode runs them
-(`reference_extra_flops`).
+removes them as dead code. The ITM and ITC heads read the image stream's
+class token only, so the last image cross-modal layer needs that token's
+query, attention and feed-forward, and the keys and values of every token.
+bt-jax's heads compute just that (`forward_trace(full_image_features=False)`).
+PyTorch's eager mode runs all of it (`reference_extra_flops`).
 """
 
 from __future__ import annotations
@@ -50,24 +53,46 @@ def _encoder_layer_flops(tokens: int, width: int, intermediate: int) -> int:
 
 
 def _cross_layer_flops(
-    tokens: int, other_tokens: int, width: int, intermediate: int
+    tokens: int,
+    other_tokens: int,
+    width: int,
+    intermediate: int,
+    queries: int | None = None,
 ) -> int:
-    """Return the FLOPs of one cross-modal layer of the stream with `tokens` tokens."""
+    """Return the FLOPs of one cross-modal layer of the stream with `tokens` tokens.
+
+    With `queries`, the layer computes the outputs of that many tokens only;
+    its self-attention still projects keys and values for all `tokens`.
+    """
+    queries = tokens if queries is None else queries
     self_attention = (
-        linear_flops(tokens, width, 3 * width)
-        + attention_flops(tokens, tokens, width)
-        + linear_flops(tokens, width, width)
+        linear_flops(queries, width, width)  # query
+        + linear_flops(tokens, width, 2 * width)  # key and value
+        + attention_flops(queries, tokens, width)
+        + linear_flops(queries, width, width)  # output
     )
     cross_attention = (
-        linear_flops(tokens, width, width)  # query
+        linear_flops(queries, width, width)  # query
         + linear_flops(other_tokens, width, 2 * width)  # key and value
-        + attention_flops(tokens, other_tokens, width)
-        + linear_flops(tokens, width, width)  # output
+        + attention_flops(queries, other_tokens, width)
+        + linear_flops(queries, width, width)  # output
     )
-    feed_forward = linear_flops(tokens, width, intermediate) + linear_flops(
-        tokens, intermediate, width
+    feed_forward = linear_flops(queries, width, intermediate) + linear_flops(
+        queries, intermediate, width
     )
     return self_attention + cross_attention + feed_forward
+
+
+def _class_token_savings(
+    config: dict, length: int, image_size: int | None = None
+) -> int:
+    """Return the FLOPs the last image cross-modal layer saves on the class token only."""
+    width = config["hidden_size"]
+    intermediate = config["text_config"]["intermediate_size"]
+    tokens = image_tokens(config, image_size)
+    return _cross_layer_flops(tokens, length, width, intermediate) - _cross_layer_flops(
+        tokens, length, width, intermediate, queries=1
+    )
 
 
 def image_tokens(config: dict, image_size: int | None = None) -> int:
@@ -98,7 +123,9 @@ def backbone_flops(
 ) -> int:
     """Return the matmul FLOPs of `BridgeTowerModel` for one image-text pair.
 
-    With `pooled=False`, leave out the work that only the pooled output needs.
+    With `pooled=True`, the last image cross-modal layer computes the class
+    token only, as the ITM and ITC heads need. With `pooled=False`, leave out
+    that layer and the poolers.
     """
     text, vision = config["text_config"], config["vision_config"]
     width = config["hidden_size"]
@@ -115,7 +142,7 @@ def backbone_flops(
         )
     total = text_flops(config, length)
     total += vision_flops(config, image_size)
-    total += cross_modal_flops(config, length, image_size)
+    total += cross_modal_flops(config, length, image_size, class_token_only=pooled)
     if not pooled:
         total -= _unpooled_tail_flops(config, length, image_size)
     return total
@@ -129,8 +156,18 @@ def text_flops(config: dict, length: int) -> int:
     )
 
 
-def cross_modal_flops(config: dict, length: int, image_size: int | None = None) -> int:
-    """Return the matmul FLOPs of the bridges, cross-modal layers and poolers for one pair."""
+def cross_modal_flops(
+    config: dict,
+    length: int,
+    image_size: int | None = None,
+    *,
+    class_token_only: bool = False,
+) -> int:
+    """Return the matmul FLOPs of the bridges, cross-modal layers and poolers for one pair.
+
+    With `class_token_only`, the last image layer computes the class token
+    only, as `forward_trace(full_image_features=False)` does.
+    """
     text, vision = config["text_config"], config["vision_config"]
     width, intermediate = config["hidden_size"], text["intermediate_size"]
     tokens = image_tokens(config, image_size)
@@ -143,6 +180,8 @@ def cross_modal_flops(config: dict, length: int, image_size: int | None = None) 
         _cross_layer_flops(length, tokens, width, intermediate)
         + _cross_layer_flops(tokens, length, width, intermediate)
     )
+    if class_token_only:
+        total -= _class_token_savings(config, length, image_size)
     return total + 2 * linear_flops(1, width, width)  # the two poolers
 
 
@@ -193,20 +232,23 @@ def reference_extra_flops(
     """Return the FLOPs that transformers 5.25's head class adds to `forward_flops`.
 
     - MLM: the backbone runs the last image cross-modal layer and the poolers.
-    - ITC: the image transform runs on every image token before the class token
-      is kept, and the three similarity matrices of the loss are always
-      computed. bt-jax transforms the class token only and computes the
+    - ITM and ITC: the last image cross-modal layer computes every token, not
+      only the class token.
+    - ITC: also, the image transform runs on every image token before the
+      class token is kept, and the three similarity matrices of the loss are
+      always computed. bt-jax transforms the class token only and computes the
       similarities for the loss only.
     """
     if head == "mlm":
         return batch * _unpooled_tail_flops(config, length, image_size)
+    last_layer = batch * _class_token_savings(config, length, image_size)
     if head == "itc":
         tokens = image_tokens(config, image_size)
         vision_width = config["vision_config"]["hidden_size"]
         transform = linear_flops(tokens - 1, vision_width, config["hidden_size"])
-        return batch * transform + 3 * similarity_flops(config, batch)
+        return last_layer + batch * transform + 3 * similarity_flops(config, batch)
     if head == "itm":
-        return 0
+        return last_layer
     raise ValueError(f"head={head!r} is unknown; use one of {', '.join(HEADS)}.")
 
 
@@ -263,3 +305,19 @@ def train_step_flops(
         config, batch, length, share_image_encoding=share_image_encoding
     )
     return 3 * (forward - sampling) + sampling
+
+
+def train_reference_extra_flops(
+    config: dict, batch: int, length: int, *, backward: bool = True
+) -> int:
+    """Return the FLOPs `bench/torch_train.py` adds to `train_step_flops`.
+
+    Its MLM pass runs the last image cross-modal layer and the poolers, which
+    no loss reads, so autograd skips their backward. Its positive and negative
+    passes run the last image cross-modal layer on every token, and the ITM
+    and ITC losses do reach it, so that extra work counts 3x, as the rest of
+    the step does. `backward=False` returns the forward passes' extra only.
+    """
+    mlm = batch * _unpooled_tail_flops(config, length)
+    pooled = 3 * batch * _class_token_savings(config, length)
+    return mlm + (3 if backward else 1) * pooled

@@ -227,13 +227,19 @@ def _reference_extra_note(document: dict) -> list[str]:
     extras = {}
     for result in document["rows"]:
         fraction = result.get("reference_extra_flops", 0) / result["flops_per_call"]
-        extras[result["task"]] = max(extras.get(result["task"], 0.0), fraction)
+        task = "train" if result["task"].startswith("train") else result["task"]
+        extras[task] = max(extras.get(task, 0.0), fraction)
     notes = {
         "mlm": "in MLM rows the last image cross-modal layer and the poolers, whose "
         "outputs the MLM head does not read and XLA drops as dead code",
-        "itc": "in ITC rows the image transform on every image token (bt-jax "
-        "transforms only the class token, which is all the head reads) and three "
-        "similarity matrices",
+        "itm": "in ITM rows the last image cross-modal layer on every image token "
+        "(bt-jax computes the class token, which is all the pooler reads, from "
+        "the keys and values of every token)",
+        "itc": "in ITC rows the same, plus the image transform on every image "
+        "token (bt-jax transforms only the class token, which is all the head "
+        "reads) and three similarity matrices",
+        "train": "in train rows both of these in their passes, with the "
+        "backward of the ITM and ITC part",
     }
     extra_notes = [
         f"{notes[task]} (up to {100 * extras[task]:.1f}%)"

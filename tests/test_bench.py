@@ -184,8 +184,8 @@ def test_train_flops_match_torch_step(share):
     batch["mlm_labels"] = batch["input_ids"]
     batch["record_index"] = torch.arange(4)
     counted = _count_flops(step.losses, batch)
-    # The MLM pass runs the whole backbone in PyTorch, as in MLM inference.
-    extra = flops.reference_extra_flops(TINY, "mlm", 4, 9)
+    # Each pass runs the whole backbone in PyTorch, as in inference.
+    extra = flops.train_reference_extra_flops(TINY, 4, 9, backward=False)
     expected = flops.train_forward_flops(TINY, 4, 9, share_image_encoding=share)
     assert counted == expected + extra
 
@@ -211,7 +211,7 @@ def test_flops_parts_sum_to_backbone():
     parts = (
         flops.text_flops(TINY, 9)
         + flops.vision_flops(TINY)
-        + flops.cross_modal_flops(TINY, 9)
+        + flops.cross_modal_flops(TINY, 9, class_token_only=True)
     )
     assert parts == flops.backbone_flops(TINY, 9)
 

@@ -100,3 +100,50 @@ def test_forward_trace_image_bridge_inputs_under_jit():
 
     expected = model.forward_trace(ids, None, pixels).pooler_output
     np.testing.assert_allclose(pooled(state, ids, pixels), expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+@pytest.mark.parametrize(
+    "scan,remat", [(False, "none"), (False, "dots"), (True, "dots")]
+)
+def test_forward_trace_class_image_only_matches_full_pass(levels, scan, remat):
+    # The heads' path (full_image_features=False) must give the full pass's
+    # pooled output, text features and gradients; the full pass is the one
+    # tests/test_parity.py compares with transformers.
+    data = tiny_config(num_hidden_layers=levels)
+    model = BridgeTowerModel(BridgeTowerConfig.from_dict(data), rngs=nnx.Rngs(0))
+    model.scan_layers, model.remat = scan, remat
+    batch = make_batch(data, batch=3)
+    ids = jnp.asarray(batch["input_ids"])
+    mask = jnp.asarray(batch["attention_mask"])
+    pixels = jnp.asarray(batch["pixel_values"])
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params, full):
+        trace = nnx.merge(graphdef, params).forward_trace(
+            ids, mask, pixels, full_image_features=full
+        )
+        value = jnp.sum(trace.pooler_output**2) + jnp.sum(trace.text_features**2)
+        return value, {
+            "image_features": trace.image_features,
+            "last_image_layer": trace.cross_hidden_states[-1][1],
+            "pooler_output": trace.pooler_output,
+            "text_features": trace.text_features,
+        }
+
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    expected_grads, expected = grad(params, True)
+    grads, trace = grad(params, False)
+
+    for name in ("image_features", "last_image_layer"):
+        assert trace[name].shape == (3, 1, data["hidden_size"]), name
+        np.testing.assert_allclose(
+            trace[name], expected[name][:, :1], atol=ATOL, err_msg=name
+        )
+    for name in ("pooler_output", "text_features"):
+        np.testing.assert_allclose(trace[name], expected[name], atol=ATOL, err_msg=name)
+    flat = dict(nnx.to_flat_state(grads))
+    for path, value in nnx.to_flat_state(expected_grads):
+        np.testing.assert_allclose(
+            flat[path][...], value[...], atol=ATOL, err_msg=str(path)
+        )

@@ -19,6 +19,7 @@ Data flow, with X = `config.num_hidden_layers` cross-modal layers per stream:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -520,8 +521,13 @@ class BridgeTowerModel(nnx.Module):
         cross_image: jax.Array,
         text_mask: jax.Array | None,
         keys: jax.Array | None,
+        class_image_only: bool | jax.Array = False,
     ) -> tuple[jax.Array, jax.Array]:
         """Run one level's text and image cross-modal layers on their inputs.
+
+        Where `class_image_only` (a bool, or a traced scalar inside a scan) is
+        true, the image layer computes the class token's output only. The other
+        rows of the image output are then zeros.
 
         Inputs and outputs are constrained to the activation layout, like the
         uni-modal streams. Without the input constraint, each input keeps the
@@ -538,9 +544,29 @@ class BridgeTowerModel(nnx.Module):
         text_out = text_layer(
             cross_text, cross_image, text_mask, None, rngs=_dropout_rngs(text_key)
         )
-        image_out = image_layer(
-            cross_image, cross_text, None, text_mask, rngs=_dropout_rngs(image_key)
-        )
+
+        def image_rows(queries):
+            # The Rngs is made here, inside a branch of `lax.cond` below, because
+            # NNX refuses to advance one created outside that trace.
+            return image_layer(
+                cross_image,
+                cross_text,
+                None,
+                text_mask,
+                rngs=_dropout_rngs(image_key),
+                queries=queries,
+            )
+
+        def class_row():
+            row = image_rows(1)
+            return jnp.pad(row, ((0, 0), (0, cross_image.shape[1] - 1), (0, 0)))
+
+        if isinstance(class_image_only, bool | np.bool_):
+            image_out = class_row() if class_image_only else image_rows(None)
+        else:
+            image_out = jax.lax.cond(
+                class_image_only, class_row, functools.partial(image_rows, None)
+            )
         return (
             sharding.constrain(text_out, ACTIVATION_AXES),
             sharding.constrain(image_out, ACTIVATION_AXES),
@@ -558,8 +584,15 @@ class BridgeTowerModel(nnx.Module):
         image_hidden_states: jax.Array | None = None,
         text_hidden_states: jax.Array | None = None,
         image_bridge_inputs: jax.Array | None = None,
+        full_image_features: bool = True,
     ) -> ForwardTrace:
         """Run the model and keep every intermediate a head may need.
+
+        With `full_image_features=False`, the last image cross-modal layer
+        computes the class token only, which is all the pooler reads. The
+        trace's `image_features` and the last image entry of
+        `cross_hidden_states` are then `(batch, 1, width)`. In the base model
+        this skips about a tenth of the cross-modal tower's matmuls.
 
         `image_hidden_states` (from `image_hidden_states`) replaces the vision
         encoder's pass, and `pixel_values` must then be None.
@@ -661,7 +694,12 @@ class BridgeTowerModel(nnx.Module):
         def first_level(modules, carry, keys):
             text_layer, image_layer = modules
             outputs = self._cross_modal_layers(
-                text_layer, image_layer, *carry, text_mask, keys
+                text_layer,
+                image_layer,
+                *carry,
+                text_mask,
+                keys,
+                class_image_only=not full_image_features and levels == 1,
             )
             return outputs, outputs
 
@@ -678,12 +716,17 @@ class BridgeTowerModel(nnx.Module):
         # previous level's cross-modal outputs by the link towers.
         def later_level(modules, carry, inputs):
             text_transform, text_link, image_link, *cross = modules
-            text_in, image_in, keys = inputs
+            text_in, image_in, keys, last = inputs
             previous_text, previous_image = carry
             cross_text = text_link(text_transform(text_in) + text_type, previous_text)
             cross_image = image_link(image_in, previous_image)
             outputs = self._cross_modal_layers(
-                *cross, cross_text, cross_image, text_mask, keys
+                *cross,
+                cross_text,
+                cross_image,
+                text_mask,
+                keys,
+                class_image_only=False if last is None else last,
             )
             return outputs, outputs
 
@@ -694,6 +737,9 @@ class BridgeTowerModel(nnx.Module):
                 text_stack[text_split : text_split + levels - 1],
                 image_bridge_inputs[1:],
                 None if cross_keys is None else cross_keys[1:],
+                # Inside a scan the flag is traced, so the last level picks the
+                # class-token-only branch with `lax.cond`.
+                None if full_image_features else np.arange(1, levels) == levels - 1,
             )
             level_modules = [
                 (
@@ -711,6 +757,9 @@ class BridgeTowerModel(nnx.Module):
                 zip(_unstack(text_outs), _unstack(image_outs), strict=True)
             )
 
+        if not full_image_features:
+            image_out = image_out[:, :1]
+            cross_hidden[-1] = (cross_hidden[-1][0], image_out)
         pooler_output = jnp.concatenate(
             [
                 self.cross_modal_text_pooler(text_out),

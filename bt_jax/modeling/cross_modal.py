@@ -33,6 +33,7 @@ class CrossLayer(nnx.Module):
         cross_mask: jax.Array | None,
         *,
         rngs: nnx.Rngs | None = None,
+        queries: int | None = None,
     ) -> jax.Array:
         """Run the layer.
 
@@ -42,8 +43,17 @@ class CrossLayer(nnx.Module):
           self_mask: boolean key mask over this stream (True = attend), or None.
           cross_mask: boolean key mask over the other stream, or None.
           rngs: dropout randomness; None runs without dropout.
+          queries: compute the outputs of the first `queries` positions only,
+            `(batch, queries, width)`. They equal those rows of the full output:
+            the self-attention still takes its keys and values from every
+            position. None computes every position.
         """
-        attended = self.attention(hidden_states, self_mask, rngs=rngs)
+        if queries is None:
+            attended = self.attention(hidden_states, self_mask, rngs=rngs)
+        else:
+            attended = self.attention(
+                hidden_states[:, :queries], self_mask, hidden_states, rngs=rngs
+            )
         attended = self.crossattention(attended, cross_mask, other_states, rngs=rngs)
         return self.output(self.intermediate(attended), attended, rngs=rngs)
 

@@ -235,7 +235,11 @@ class _HeadModel(nnx.Module):
         interpolate_pos_encoding,
         dropout_rng,
         image_hidden_states=None,
+        *,
+        output_hidden_states: bool,
     ) -> ForwardTrace:
+        # The heads read only the class token of the last image layer, so it
+        # computes that token alone unless every hidden state is returned.
         return self.bridgetower.forward_trace(
             input_ids,
             attention_mask,
@@ -243,6 +247,7 @@ class _HeadModel(nnx.Module):
             interpolate_pos_encoding=interpolate_pos_encoding,
             dropout_rng=dropout_rng,
             image_hidden_states=image_hidden_states,
+            full_image_features=output_hidden_states,
         )
 
 
@@ -288,7 +293,12 @@ class _ContrastiveEncoders:
         embedding runs the cross-modal tower, so it costs a full forward pass.
         """
         trace = self._trace(
-            input_ids, attention_mask, pixel_values, interpolate_pos_encoding, None
+            input_ids,
+            attention_mask,
+            pixel_values,
+            interpolate_pos_encoding,
+            None,
+            output_hidden_states=False,
         )
         return self._contrastive_embeds(trace)
 
@@ -323,6 +333,7 @@ class BridgeTowerForMaskedLM(_HeadModel):
             pixel_values,
             interpolate_pos_encoding,
             dropout_rng,
+            output_hidden_states=output_hidden_states,
         )
         logits = self._mlm_logits(trace.text_features)
         loss = None if labels is None else losses.masked_lm_loss(logits, labels)
@@ -359,6 +370,7 @@ class BridgeTowerForImageAndTextRetrieval(_HeadModel):
             pixel_values,
             interpolate_pos_encoding,
             dropout_rng,
+            output_hidden_states=output_hidden_states,
         )
         logits = self.itm_score(trace.pooler_output)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
@@ -404,6 +416,7 @@ class BridgeTowerForContrastiveLearning(_ContrastiveEncoders, _HeadModel):
             pixel_values,
             interpolate_pos_encoding,
             dropout_rng,
+            output_hidden_states=output_hidden_states,
         )
         text_embeds, image_embeds, cross_embeds = self._contrastive_embeds(trace)
         loss = None
@@ -505,6 +518,7 @@ class BridgeTowerForPreTraining(_ContrastiveEncoders, _HeadModel):
             interpolate_pos_encoding,
             dropout_rng,
             image_hidden_states,
+            output_hidden_states=output_hidden_states,
         )
         outputs = {}
         if "mlm" in requested:

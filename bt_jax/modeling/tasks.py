@@ -127,7 +127,10 @@ class _TaskModel(_HeadModel):
         interpolate_pos_encoding,
         dropout_rng,
         image_token_type_idx=1,
+        *,
+        output_hidden_states: bool,
     ):
+        # The classifiers read only the pooled output; see `BridgeTowerModel.forward_trace`.
         return self.bridgetower.forward_trace(
             input_ids,
             attention_mask,
@@ -135,6 +138,7 @@ class _TaskModel(_HeadModel):
             interpolate_pos_encoding=interpolate_pos_encoding,
             image_token_type_idx=image_token_type_idx,
             dropout_rng=dropout_rng,
+            full_image_features=output_hidden_states,
         )
 
 
@@ -178,6 +182,7 @@ class _PairClassifier(_TaskModel):
             pixel_values,
             interpolate_pos_encoding,
             dropout_rng,
+            output_hidden_states=output_hidden_states,
         )
         pooled = self._dropout(trace.pooler_output, dropout_rng)
         logits = _apply(getattr(self, self.CLASSIFIER), pooled)
@@ -269,6 +274,7 @@ class BridgeTowerForNLVR2(_TaskModel):
             interpolate_pos_encoding,
             keys[0],
             image_token_type_idx=1,
+            output_hidden_states=output_hidden_states,
         )
         second = self._pair(
             input_ids,
@@ -277,6 +283,7 @@ class BridgeTowerForNLVR2(_TaskModel):
             interpolate_pos_encoding,
             keys[1],
             image_token_type_idx=2,
+            output_hidden_states=False,
         )
         pooled = jnp.concatenate([first.pooler_output, second.pooler_output], axis=-1)
         pooled = self._dropout(pooled, keys[2])

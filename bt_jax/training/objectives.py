@@ -229,6 +229,7 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
         dropout_rng=cross_rng,
         text_hidden_states=sharding.constrain(text_states, STACKED_AXES),
         image_bridge_inputs=sharding.constrain(image_inputs, STACKED_AXES),
+        full_image_features=False,
     )
 
     start = 0
