@@ -232,14 +232,13 @@ def _reference_extra_note(document: dict) -> list[str]:
     notes = {
         "mlm": "in MLM rows the last image cross-modal layer and the poolers, whose "
         "outputs the MLM head does not read and XLA drops as dead code",
-        "itm": "in ITM rows the last image cross-modal layer on every image token "
-        "(bt-jax computes the class token, which is all the pooler reads, from "
-        "the keys and values of every token)",
+        "itm": "in ITM rows the last image cross-modal layer on every image "
+        "token, where bt-jax computes only the class token that the pooler reads",
         "itc": "in ITC rows the same, plus the image transform on every image "
-        "token (bt-jax transforms only the class token, which is all the head "
-        "reads) and three similarity matrices",
-        "train": "in train rows both of these in their passes, with the "
-        "backward of the ITM and ITC part",
+        "token, where bt-jax transforms only the class token that the head "
+        "reads, and three similarity matrices",
+        "train": "in train rows the MLM and ITM extras in their passes, and the "
+        "backward of the ITM one",
     }
     extra_notes = [
         f"{notes[task]} (up to {100 * extras[task]:.1f}%)"

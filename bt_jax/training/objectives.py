@@ -217,7 +217,7 @@ def _fused_loss(model, batch, rng, config: ObjectiveConfig):
         text_states = jnp.concatenate([text_states, negative_states], axis=1)
         parts.append((negative_ids, negative_mask, bridge_inputs[:, order]))
 
-    # NOTE: on a 2-core CPU this fused step reached 57% of the float32 matmul
+    # NOTE: on a 2-core CPU this fused step reached 59% of the float32 matmul
     # peak, against 67% for separate passes (bench/RESULTS.md), yet ran faster.
     # Fusing removes vision encoder matmuls, which XLA runs at a higher share of
     # peak than the cross-modal tower's backward pass (`python -m bench.step_parts`).
