@@ -146,8 +146,13 @@ def run_torch(model, head: str, batch: dict, **options) -> dict[str, np.ndarray]
     return named
 
 
-def run_jax(model, head: str, batch: dict, **options) -> dict[str, np.ndarray]:
-    """Run a bt-jax model on the same batch and name its outputs like `run_torch`."""
+def run_jax(
+    model, head: str, batch: dict, *, output_hidden_states: bool = True, **options
+) -> dict[str, np.ndarray]:
+    """Run a bt-jax model on the same batch and name its outputs like `run_torch`.
+
+    Without `output_hidden_states`, only the head's outputs are returned.
+    """
     kwargs = {
         k: jnp.asarray(v) if isinstance(v, np.ndarray) else v
         for k, v in head_kwargs(head, batch).items()
@@ -156,11 +161,13 @@ def run_jax(model, head: str, batch: dict, **options) -> dict[str, np.ndarray]:
         jnp.asarray(batch["input_ids"]),
         jnp.asarray(batch["attention_mask"]),
         jnp.asarray(batch["pixel_values"]),
-        output_hidden_states=True,
+        output_hidden_states=output_hidden_states,
         **kwargs,
         **options,
     )
     named = {n: np.asarray(getattr(output, n)) for n in OUTPUT_NAMES[head]}
+    if not output_hidden_states:
+        return named
     text, image, cross = output.hidden_states
     named.update({f"text.{i}": np.asarray(t) for i, t in enumerate(text)})
     named.update({f"image.{i}": np.asarray(t) for i, t in enumerate(image)})

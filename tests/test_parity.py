@@ -121,3 +121,20 @@ def test_parity_scanned_layers(tmp_path, variant):
     assert_outputs_close(
         run_torch(reference, "itm", batch), run_jax(model, "itm", batch), ATOL
     )
+
+
+@pytest.mark.parametrize("head", ["itm", "itc"])
+@pytest.mark.parametrize(
+    "variant,scan",
+    [("add", False), ("one_cross_layer", False), ("three_cross_layers", True)],
+)
+def test_parity_heads_without_hidden_states(tmp_path, variant, scan, head):
+    # Without hidden states the heads compute only the class token of the last
+    # image cross-modal layer, in a `lax.cond` branch when the levels are scanned.
+    config = tiny_config(**VARIANTS[variant])
+    reference, model = load_pair(tmp_path, config, head)
+    model.bridgetower.scan_layers = scan
+    batch = make_batch(config, batch=3, length=9)
+    expected = run_torch(reference, head, batch)
+    actual = run_jax(model, head, batch, output_hidden_states=False)
+    assert_outputs_close({name: expected[name] for name in actual}, actual, ATOL)

@@ -525,8 +525,8 @@ class BridgeTowerModel(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """Run one level's text and image cross-modal layers on their inputs.
 
-        Where `class_image_only` (a bool, or a traced scalar inside a scan) is
-        true, the image layer computes the class token's output only. The other
+        Where `class_image_only` (a bool, or a traced scalar inside a scan or
+        a rematerialised level) is true, the image layer computes the class token's output only. The other
         rows of the image output are then zeros.
 
         Inputs and outputs are constrained to the activation layout, like the
@@ -592,7 +592,10 @@ class BridgeTowerModel(nnx.Module):
         computes the class token only, which is all the pooler reads. The
         trace's `image_features` and the last image entry of
         `cross_hidden_states` are then `(batch, 1, width)`. In the base model
-        this skips about a tenth of the cross-modal tower's matmuls.
+        this skips about a tenth of the cross-modal tower's matmuls. Without
+        dropout the pooled output is the full pass's. With dropout, that
+        layer's class-token masks are other random draws than the full pass's,
+        so a training loss differs between the two passes by that draw.
 
         `image_hidden_states` (from `image_hidden_states`) replaces the vision
         encoder's pass, and `pixel_values` must then be None.

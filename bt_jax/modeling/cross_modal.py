@@ -44,9 +44,11 @@ class CrossLayer(nnx.Module):
           cross_mask: boolean key mask over the other stream, or None.
           rngs: dropout randomness; None runs without dropout.
           queries: compute the outputs of the first `queries` positions only,
-            `(batch, queries, width)`. They equal those rows of the full output:
-            the self-attention still takes its keys and values from every
-            position. None computes every position.
+            `(batch, queries, width)`. Without dropout they equal those rows of
+            the full output: the self-attention still takes its keys and values
+            from every position. With dropout, their masks are drawn for the
+            smaller shape, so they are other random draws than the full
+            output's rows get. None computes every position.
         """
         if queries is None:
             attended = self.attention(hidden_states, self_mask, rngs=rngs)
