@@ -106,10 +106,10 @@ def test_forward_trace_image_bridge_inputs_under_jit():
 @pytest.mark.parametrize(
     "scan,remat", [(False, "none"), (False, "dots"), (True, "dots")]
 )
-def test_forward_trace_class_image_only_matches_full_pass(levels, scan, remat):
+def test_class_token_path_matches_full_pass(levels, scan, remat):
     # The heads' path (full_image_features=False) must give the full pass's
-    # pooled output, text features and gradients; the full pass is the one
-    # tests/test_parity.py compares with transformers.
+    # pooled output, text features and gradients. tests/test_parity.py
+    # compares the full pass with transformers.
     data = tiny_config(num_hidden_layers=levels)
     model = BridgeTowerModel(BridgeTowerConfig.from_dict(data), rngs=nnx.Rngs(0))
     model.scan_layers, model.remat = scan, remat
