@@ -526,8 +526,8 @@ class BridgeTowerModel(nnx.Module):
         """Run one level's text and image cross-modal layers on their inputs.
 
         Where `class_image_only` (a bool, or a traced scalar inside a scan or
-        a rematerialised level) is true, the image layer computes the class token's output only. The other
-        rows of the image output are then zeros.
+        a rematerialised level) is true, the image layer computes the class
+        token's output only. The other rows of the image output are then zeros.
 
         Inputs and outputs are constrained to the activation layout, like the
         uni-modal streams. Without the input constraint, each input keeps the
@@ -546,8 +546,8 @@ class BridgeTowerModel(nnx.Module):
         )
 
         def image_rows(queries):
-            # The Rngs is made here, inside a branch of `lax.cond` below, because
-            # NNX refuses to advance one created outside that trace.
+            # The Rngs is created here, inside a branch of `lax.cond` below,
+            # because NNX raises when a trace advances one created outside it.
             return image_layer(
                 cross_image,
                 cross_text,
