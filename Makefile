@@ -42,5 +42,6 @@ lint: setup
 
 # Two workers, one test file each at a time (files share module fixtures): most
 # of the suite is single-threaded compiling, so the 2 cores halve its time.
+# Files start in collection order, which tests/conftest.py sets slowest first.
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
