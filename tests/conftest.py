@@ -1,5 +1,14 @@
 """Test settings: parity runs at full float32 matmul precision.
 
+Tests marked `fast_compile` compile with `jax_disable_most_optimizations`.
+XLA still runs its HLO passes, so the optimised HLO is the same (checked on
+the tiny train step), but LLVM does not optimise the machine code. The tiny
+train step then compiles in 10 s instead of 24 s on 2 CPU cores and runs
+slower, which tiny models barely notice. The mark is only for tests that
+compare JAX programs with each other or check behaviour. Tests against
+PyTorch compile as users do. JAX's in-memory caches ignore the flag, so they
+are cleared before and after each marked test.
+
 `make test` runs whole files on two workers in collection order
 (`--dist loadfile --no-loadscope-reorder`). The slowest files are collected
 first, so that the last files to finish are short ones and neither worker
@@ -10,6 +19,7 @@ import logging
 import warnings
 
 import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -29,6 +39,20 @@ SLOW_FILES = (
     "test_embed.py",
     "test_base_size.py",
 )
+
+
+@pytest.fixture(autouse=True)
+def _fast_compile(request):
+    if request.node.get_closest_marker("fast_compile") is None:
+        yield
+        return
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", False)
+        jax.clear_caches()
 
 
 def pytest_collection_modifyitems(items):

@@ -24,14 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = load_preset(REPO / "configs" / "tiny.py").to_dict()
 BASE = load_preset(REPO / "configs" / "base.py").to_dict()
 
-# XLA's CPU compiler with LLVM at optimisation level 0. XLA's own HLO passes
-# still run, so the optimised HLO is the same (checked on the tiny train step);
-# only the machine code is slower. The tiny train step compiles in 13 s
-# instead of 28 s on 2 CPU cores. Tests use it only where they compare JAX
-# programs with each other or read their HLO. Tests against PyTorch compile
-# as users do.
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
-FAST_COMPILE_XLA_FLAG = "--xla_backend_optimization_level=0"
+# The environment of subprocesses that compile like `fast_compile` tests
+# (tests/conftest.py): without LLVM's optimisations.
+FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 
 def tiny_config(**overrides) -> dict:

@@ -216,6 +216,7 @@ def test_flops_parts_sum_to_backbone():
     assert parts == flops.backbone_flops(TINY, 9)
 
 
+@pytest.mark.fast_compile
 def test_step_parts_times_every_part(capsys):
     from bench import step_parts
 

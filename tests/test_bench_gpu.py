@@ -16,6 +16,9 @@ import pytest
 from bench import flops, gpu
 from bt_jax.config import load_preset
 
+# Compares JAX programs with each other and checks behaviour only.
+pytestmark = pytest.mark.fast_compile
+
 TINY_RUN = [
     "--sizes",
     "tiny",

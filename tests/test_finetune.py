@@ -37,6 +37,9 @@ from train.evaluate import main as evaluate_main
 from train.loop import train_and_evaluate
 from train.memory import estimate
 
+# Compares JAX programs with each other and checks behaviour only.
+pytestmark = pytest.mark.fast_compile
+
 STEPS = 24
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from bt_jax.config import BridgeTowerConfig
 from bt_jax.modeling.bridgetower import BridgeTowerModel
-from tests.helpers import FAST_COMPILE_OPTIONS, make_batch, tiny_config
+from tests.helpers import make_batch, tiny_config
 
 ATOL = 1e-5
 
@@ -105,6 +105,7 @@ def test_forward_trace_image_bridge_inputs_under_jit():
 # Where the class-token branch is taken: at the only level (a Python bool,
 # here under remat), at the last of levels run in a Python loop (a NumPy
 # bool), and inside a scan (a traced flag, through `lax.cond`).
+@pytest.mark.fast_compile
 @pytest.mark.parametrize(
     "levels,scan,remat", [(3, False, "none"), (1, False, "dots"), (3, True, "dots")]
 )
@@ -133,14 +134,9 @@ def test_class_token_path_matches_full_pass(levels, scan, remat):
             "text_features": trace.text_features,
         }
 
-    def grad(full):
-        # Both paths are compared with each other only, so they compile
-        # without LLVM's optimisations, in half the time.
-        function = jax.jit(jax.grad(lambda params: loss(params, full), has_aux=True))
-        return function.lower(params).compile(FAST_COMPILE_OPTIONS)(params)
-
-    expected_grads, expected = grad(True)
-    grads, trace = grad(False)
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    expected_grads, expected = grad(params, True)
+    grads, trace = grad(params, False)
 
     for name in ("image_features", "last_image_layer"):
         assert trace[name].shape == (3, 1, data["hidden_size"]), name

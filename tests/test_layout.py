@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import FAST_COMPILE_OPTIONS, tiny_config
+from helpers import tiny_config
 
 from bt_jax import sharding
 from bt_jax.checkpoint import CheckpointMismatchError, RunCheckpoints
@@ -27,6 +27,9 @@ from bt_jax.training.objectives import ObjectiveConfig
 from bt_jax.training.optim import OptimizerConfig
 from bt_jax.training.step import Trainer
 from train.loop import restore_target
+
+# Compares JAX programs with each other and checks behaviour only.
+pytestmark = pytest.mark.fast_compile
 
 # Three levels, so the cross-modal runs (levels 1 and 2) are real stacks.
 VARIANTS = {
@@ -240,15 +243,8 @@ def test_stacked_state_gradients_match_unrolled_model():
         trainer.init_from_params(jax.tree.map(np.array, params), jax.random.key(0))
         for trainer in (scanned, unrolled)
     ]
-
-    def gradients(trainer, state):
-        # The two trainers are compared with each other only, so they compile
-        # without LLVM's optimisations, in half the time.
-        lowered = trainer.gradients.lower(state.params, batch, rng)
-        return lowered.compile(FAST_COMPILE_OPTIONS)(state.params, batch, rng)
-
-    grads, metrics = gradients(scanned, states[0])
-    expected_grads, expected_metrics = gradients(unrolled, states[1])
+    grads, metrics = scanned.gradients(states[0].params, batch, rng)
+    expected_grads, expected_metrics = unrolled.gradients(states[1].params, batch, rng)
     for name, value in expected_metrics.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
     expected, actual = _flat(expected_grads), _flat(scanned.unstack_params(grads))
@@ -298,10 +294,7 @@ def test_step_reads_stacked_layers_without_copying_them():
                 shapes.add(",".join(map(str, leaf.shape)))
     assert shapes
     rng = jax.random.key(0)
-    # The test reads the optimised HLO only, which LLVM's level does not change.
-    step_hlo = (
-        trainer.step.lower(abstract, batch).compile(FAST_COMPILE_OPTIONS).as_text()
-    )
+    step_hlo = trainer.step.lower(abstract, batch).compile().as_text()
     assert _forward_concatenations(step_hlo, shapes) == []
 
     # The control: gradients of per-layer parameters, stacked inside the
@@ -311,6 +304,5 @@ def test_step_reads_stacked_layers_without_copying_them():
         return trainer._gradients(trainer.stack_params(params), batch, rng)
 
     per_layer = jax.eval_shape(lambda: _per_layer_params(trainer))
-    lowered = jax.jit(restacking).lower(per_layer, batch, rng)
-    control_hlo = lowered.compile(FAST_COMPILE_OPTIONS).as_text()
+    control_hlo = jax.jit(restacking).lower(per_layer, batch, rng).compile().as_text()
     assert _forward_concatenations(control_hlo, shapes)

@@ -6,7 +6,7 @@ Every run is a real subprocess on simulated CPU devices, training a tiny model
 300-token BPE vocabulary) on the sample photos. Runs with the same device count
 and settings share XLA's persistent compilation cache, so the step compiles
 once per device count. Runs are compared only with each other, so they compile
-without LLVM's optimisations (`helpers.FAST_COMPILE_XLA_FLAG`), in half the time.
+without LLVM's optimisations (`helpers.FAST_COMPILE_ENV`), in half the time.
 """
 
 import json
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FAST_COMPILE_XLA_FLAG, REPO
+from helpers import FAST_COMPILE_ENV, REPO
 
 from bt_jax import processing
 from bt_jax.config import load_preset
@@ -78,9 +78,8 @@ def _train(inputs, workdir, devices, *extra, env=None, timeout=600):
     variables = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": (
-            f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_XLA_FLAG}"
-        ),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        **FAST_COMPILE_ENV,
         "JAX_COMPILATION_CACHE_DIR": inputs["cache"],
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         **(env or {}),

@@ -22,6 +22,9 @@ from bt_jax.training.step import TrainState
 from train import report, setup
 from train.loop import NonFiniteLossError, _finish_step
 
+# Checks the training units' behaviour; nothing is compared with PyTorch.
+pytestmark = pytest.mark.fast_compile
+
 
 def _config(**overrides):
     config = default_config()

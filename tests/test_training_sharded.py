@@ -21,7 +21,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import FAST_COMPILE_XLA_FLAG, REPO
+from helpers import FAST_COMPILE_ENV, REPO
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 # Per-layer rematerialisation on some meshes: it must not change the numbers
@@ -142,8 +142,11 @@ SCRIPT = textwrap.dedent(
 def sharded_steps():
     # Every run is compared with another JAX run, so LLVM's optimisations,
     # which would double the compile time, are off.
-    flags = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAG}"
-    env = {**os.environ, "XLA_FLAGS": flags}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        **FAST_COMPILE_ENV,
+    }
     completed = subprocess.run(
         [
             sys.executable,
