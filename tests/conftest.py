@@ -46,12 +46,13 @@ def _fast_compile(request):
     if request.node.get_closest_marker("fast_compile") is None:
         yield
         return
+    previous = jax.config.values["jax_disable_most_optimizations"]
     jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", True)
     try:
         yield
     finally:
-        jax.config.update("jax_disable_most_optimizations", False)
+        jax.config.update("jax_disable_most_optimizations", previous)
         jax.clear_caches()
 
 

@@ -1,7 +1,8 @@
 """Tests of `python -m bench.gpu` on the CPU: a tiny run and its input checks.
 
-The smoke run takes about 65 s on 2 CPU cores (110 s while another job shares
-them), most of it compiling the tiny training step. The other tests compile nothing
+The smoke run took 39 s on 2 CPU cores in a run of the whole suite, most of it
+compiling the tiny training step (without LLVM's optimisations, see
+tests/conftest.py). The other tests compile nothing
 or a single small function.
 """
 

@@ -104,10 +104,11 @@ def test_forward_trace_image_bridge_inputs_under_jit():
 
 # Where the class-token branch is taken: at the only level (a Python bool,
 # here under remat), at the last of levels run in a Python loop (a NumPy
-# bool), and inside a scan (a traced flag, through `lax.cond`).
+# bool), and through `lax.cond` where remat or a scan traces the flag.
 @pytest.mark.fast_compile
 @pytest.mark.parametrize(
-    "levels,scan,remat", [(3, False, "none"), (1, False, "dots"), (3, True, "dots")]
+    "levels,scan,remat",
+    [(1, False, "dots"), (3, False, "none"), (3, False, "dots"), (3, True, "dots")],
 )
 def test_class_token_path_matches_full_pass(levels, scan, remat):
     # The heads' path (full_image_features=False) must give the full pass's
