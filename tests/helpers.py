@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = load_preset(REPO / "configs" / "tiny.py").to_dict()
 BASE = load_preset(REPO / "configs" / "base.py").to_dict()
 
-# The environment of subprocesses that compile like `fast_compile` tests
-# (tests/conftest.py): without LLVM's optimisations.
+# Environment for subprocesses that compile like `fast_compile` tests
+# (tests/conftest.py), without LLVM's optimisations.
 FAST_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
 

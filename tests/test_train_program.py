@@ -6,7 +6,7 @@ Every run is a real subprocess on simulated CPU devices, training a tiny model
 300-token BPE vocabulary) on the sample photos. Runs with the same device count
 and settings share XLA's persistent compilation cache, so the step compiles
 once per device count. Runs are compared only with each other, so they compile
-without LLVM's optimisations (`helpers.FAST_COMPILE_ENV`), in half the time.
+faster, without LLVM's optimisations (`helpers.FAST_COMPILE_ENV`).
 """
 
 import json

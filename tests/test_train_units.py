@@ -22,7 +22,7 @@ from bt_jax.training.step import TrainState
 from train import report, setup
 from train.loop import NonFiniteLossError, _finish_step
 
-# Checks the training units' behaviour; nothing is compared with PyTorch.
+# Checks the training units' behaviour. Nothing is compared with PyTorch.
 pytestmark = pytest.mark.fast_compile
 
 
