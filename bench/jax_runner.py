@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bt_jax import hub, sharding
+from bt_jax import compiler, hub, sharding
 from bt_jax.training.objectives import ObjectiveConfig
 from bt_jax.training.optim import OptimizerConfig
 from bt_jax.training.step import Trainer
@@ -55,7 +55,11 @@ class JaxRunner:
             jnp.asarray(arrays["pixel_values"]),
         )
         started = time.perf_counter()
-        self.compiled = jax.jit(logits).lower(*self.arguments).compile()
+        self.compiled = (
+            jax.jit(logits, compiler_options=compiler.compiler_options())
+            .lower(*self.arguments)
+            .compile()
+        )
         self.compile_seconds = time.perf_counter() - started
 
     def _setup_train(self, checkpoint: str, arrays: dict) -> None:
@@ -102,7 +106,7 @@ class JaxRunner:
             return jnp.concatenate([part.ravel() for part in parts])
 
         batch = self.batch
-        values = jax.jit(heads)(
+        values = jax.jit(heads, compiler_options=compiler.compiler_options())(
             self.state.params,
             batch["input_ids"],
             batch["attention_mask"],

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from flax import nnx
 
     from bench.jax_runner import JaxRunner
+    from bt_jax.compiler import compiler_options
     from bt_jax.config import load_preset
     from bt_jax.modeling.heads import BridgeTowerForPreTraining
     from bt_jax.training.layout import StackedLayout
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'part (forward and backward)':32s} {'seconds':>8s} {'GFLOP':>8s} {'% of peak':>10s}"
     )
     for name, function, inputs, argnums, forward in parts:
-        step = jax.jit(jax.value_and_grad(function, argnums=argnums))
+        step = jax.jit(
+            jax.value_and_grad(function, argnums=argnums),
+            compiler_options=compiler_options(),
+        )
         jax.block_until_ready(step(*inputs))
         times = []
         for _ in range(args.repeats):

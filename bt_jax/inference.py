@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from bt_jax import hub
+from bt_jax import compiler, hub
 from bt_jax.modeling import (
     BridgeTowerForContrastiveLearning,
     BridgeTowerForImageAndTextRetrieval,
@@ -125,7 +125,7 @@ def jit_model_function(graphdef, body: Callable) -> Callable:
     def run(state, *args):
         return body(nnx.merge(graphdef, state), *args)
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=compiler.compiler_options())
 
 
 def bucketed_tokens(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import logging
 import os
 import resource
@@ -181,7 +182,8 @@ def run_jax(
         options["return_loss"] = True
     labels = {} if inputs.labels is None else {"labels": jnp.asarray(inputs.labels)}
 
-    @jax.jit
+    # Compiled as bt-jax's own jitted functions are, so parity covers them.
+    @functools.partial(jax.jit, compiler_options=bt_jax.compiler_options())
     def forward(state, input_ids, attention_mask, pixel_values, labels):
         model = nnx.merge(graphdef, state)
         return model(input_ids, attention_mask, pixel_values, **labels, **options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,21 @@ def save_multihead_checkpoint(
         assert not info["mismatched_keys"], info["mismatched_keys"]
         models[head] = model.eval()
     return models
+
+
+def ynn_fusion_ops(hlo_text: str) -> list[set[str]]:
+    """Return the HLO opcodes inside each YNNPACK fusion of a compiled CPU program.
+
+    Parameters and bitcasts are left out, so a lone matmul reads as {"dot"}.
+    """
+    bodies = {}
+    for match in re.finditer(r"^%([\w.\-]+) .*?\{\n(.*?)\n\}", hlo_text, re.M | re.S):
+        bodies[match.group(1)] = match.group(2)
+    fusions = []
+    for line in hlo_text.splitlines():
+        if "__ynn_fusion" not in line:
+            continue
+        called = re.search(r"calls=%([\w.\-]+)", line).group(1)
+        ops = set(re.findall(r"= \S+ ([a-z][\w\-]*)\(", bodies[called]))
+        fusions.append(ops - {"parameter", "bitcast"})
+    return fusions

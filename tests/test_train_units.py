@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, ynn_fusion_ops
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bt_jax.checkpoint import CheckpointMismatchError, RunCheckpoints
@@ -370,6 +370,12 @@ def test_compile_step_matches_jitted_step():
     arrays["record_index"] = np.arange(shapes["record_index"].shape[0])
     batch = trainer.shard_batch(arrays)
     compiled = trainer.compile_step(batch)
+    if jax.default_backend() == "cpu":
+        # Compiled with `bt_jax.compiler_options()`: matmuls in YNNPACK,
+        # reductions (such as the gradient norms) in XLA's own code.
+        fusions = ynn_fusion_ops(compiled.as_text())
+        assert {"dot"} in fusions
+        assert not any(ops & {"reduce", "reduce-window"} for ops in fusions)
     _, expected = trainer.step(trainer.init(jax.random.key(0)), batch)
     _, metrics = compiled(trainer.init(jax.random.key(0)), batch)
     for name, value in expected.items():

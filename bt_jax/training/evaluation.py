@@ -22,8 +22,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bt_jax import compiler, sharding
 from bt_jax import evaluation as evaluation_metrics
-from bt_jax import sharding
 from bt_jax.training.step import Trainer, TrainState
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Evaluator:
             sharding.traced_under(trainer.mesh, self._embed_batch),
             in_shardings=(trainer.state_shardings.params, trainer.batch_sharding),
             out_shardings=replicated,
+            compiler_options=compiler.compiler_options(),
         )
         self.heads = trainer.objective.heads
 
@@ -226,11 +227,13 @@ class TaskEvaluator:
             sharding.traced_under(trainer.mesh, self._batch_outputs),
             in_shardings=in_shardings,
             out_shardings=replicated,
+            compiler_options=compiler.compiler_options(),
         )
         self._match = jax.jit(
             sharding.traced_under(trainer.mesh, self._match_logits),
             in_shardings=in_shardings,
             out_shardings=replicated,
+            compiler_options=compiler.compiler_options(),
         )
 
     def _batch_outputs(self, params, batch):

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bt_jax import sharding
+from bt_jax import compiler, sharding
 from bt_jax.config import TASK_HEADS, BridgeTowerConfig
 from bt_jax.modeling.bridgetower import REMAT_POLICIES
 from bt_jax.modeling.heads import BridgeTowerForPreTraining
@@ -154,23 +154,31 @@ class Trainer:
 
         # Traced under the mesh, so the model's activation constraints apply.
         under_mesh = functools.partial(sharding.traced_under, self.mesh)
-        self.init = jax.jit(under_mesh(self._init), out_shardings=self.state_shardings)
+        options = compiler.compiler_options()
+        self.init = jax.jit(
+            under_mesh(self._init),
+            out_shardings=self.state_shardings,
+            compiler_options=options,
+        )
         self._init_from_stacked = jax.jit(
             under_mesh(self._init_from_params),
             in_shardings=(self.state_shardings.params, None),
             out_shardings=self.state_shardings,
             donate_argnums=(0,),
+            compiler_options=options,
         )
         # The gradients and metrics `step` applies, for checks and tools.
         self.gradients = jax.jit(
             under_mesh(self._gradients),
             in_shardings=(self.state_shardings.params, self.batch_sharding, None),
+            compiler_options=options,
         )
         self.step = jax.jit(
             under_mesh(self._step),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, None),
             donate_argnums=(0,),
+            compiler_options=options,
         )
 
     @property
@@ -328,12 +336,10 @@ class Trainer:
         grads, metrics = self._gradients(state.params, batch, rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # NOTE: on XLA's CPU backend (jaxlib 0.10.2) these two norms cost 1 to
-        # 2.5 s of the base pretraining step's 23 to 26 s on 2 cores. XLA
-        # splits each parameter's sum into a tree of reduce-windows, and the
-        # one over the (768, 50265) MLM decoder kernel alone took 2.4 s in a
-        # profile. Writing the sums as einsum, vdot, |x| * |x| or row sums did
-        # not avoid it. Whether accelerators pay the same is unmeasured.
+        # On CPU, XLA's default gives these sums to YNNPACK, where the one over
+        # the (768, 50265) MLM decoder kernel alone took 2.4 s of the base
+        # pretraining step on 2 cores. `compiler.compiler_options()` keeps
+        # reductions in XLA's own code instead (see bt_jax/compiler.py).
         metrics = {
             **metrics,
             "grad_norm": optax.global_norm(grads),

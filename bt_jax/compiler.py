@@ -1,0 +1,65 @@
+"""XLA compiler options that bt-jax's jitted functions are compiled with.
+
+On the CPU backend, XLA's default hands matmuls, convolutions and reductions
+to the YNNPACK library. With jaxlib 0.10.2 on 2 cores, its reductions (layer
+norms, softmax sums, bias gradients, the training step's gradient norms) ran
+slower than XLA's own code. So bt-jax keeps YNNPACK for single matmuls and
+convolutions only. `python -m bench.compiler_ab` measures the difference.
+
+Pass `compiler_options()` to your own `jax.jit` to compile the same way:
+
+    step = jax.jit(fn, compiler_options=bt_jax.compiler_options())
+
+Other backends get no options. A process whose `XLA_FLAGS` already sets
+`--xla_cpu_experimental_ynn_fusion_type` keeps its own choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+# Only single matmuls and convolutions go to YNNPACK. Reductions and the
+# elementwise work around them stay in XLA's own code.
+CPU_OPTIONS = {
+    YNN_FUSION_FLAG: (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    )
+}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+    """Return the options for `jax.jit(..., compiler_options=...)`, or None.
+
+    Returns None on non-CPU backends and when `XLA_FLAGS` sets the YNNPACK
+    fusion flag itself. It also returns None, with a warning, when this
+    jaxlib rejects the options, because they are experimental and may be
+    renamed.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    if YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
+        logger.debug(
+            "XLA_FLAGS sets %s, so bt-jax adds no compiler options", YNN_FUSION_FLAG
+        )
+        return None
+    try:
+        probe = jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS)
+        probe.lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError as error:
+        logger.warning(
+            "This jaxlib rejected the compiler options %s (%s). bt-jax compiles "
+            "with XLA's defaults instead, which may be slower on CPU.",
+            CPU_OPTIONS,
+            error,
+        )
+        return None
+    return dict(CPU_OPTIONS)

@@ -1,0 +1,84 @@
+"""Tests for the CPU compiler options of bt-jax's jitted functions."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from helpers import tiny_config, ynn_fusion_ops
+
+import bt_jax
+from bt_jax import compiler
+from bt_jax.config import BridgeTowerConfig
+from bt_jax.inference import jit_model_function
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the options are for XLA's CPU backend"
+)
+
+
+@pytest.fixture
+def fresh_options():
+    # `compiler_options` caches its result per process, so each test clears it.
+    compiler.compiler_options.cache_clear()
+    yield
+    compiler.compiler_options.cache_clear()
+
+
+def _layer(x, w):
+    # A matmul followed by a LayerNorm and a softmax: the reductions the option
+    # moves out of YNNPACK, next to the matmul it keeps there.
+    y = x @ w
+    mean = y.mean(-1, keepdims=True)
+    y = (y - mean) * jax.lax.rsqrt(((y - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    return jax.nn.softmax(y, axis=-1).sum()
+
+
+def _compiled_text(options):
+    x = jnp.ones((64, 256))
+    w = jnp.ones((256, 256))
+    return jax.jit(_layer, compiler_options=options).lower(x, w).compile().as_text()
+
+
+def _has_reduction(fusions):
+    return any(ops & {"reduce", "reduce-window"} for ops in fusions)
+
+
+def test_compiler_options_exclude_ynn_reductions(fresh_options):
+    options = bt_jax.compiler_options()
+    assert options is not None
+    fusions = ynn_fusion_ops(_compiled_text(options))
+    assert {"dot"} in fusions
+    assert not _has_reduction(fusions)
+    # The control: XLA's defaults do put a reduction in YNNPACK, so the check
+    # above can fail.
+    assert _has_reduction(ynn_fusion_ops(_compiled_text(None)))
+
+
+def test_compiler_options_defer_to_xla_flags(fresh_options, monkeypatch):
+    flag = f"--{compiler.YNN_FUSION_FLAG}=-reduce"
+    monkeypatch.setenv("XLA_FLAGS", flag)
+    assert bt_jax.compiler_options() is None
+
+
+def test_compiler_options_rejected_warns(fresh_options, monkeypatch, caplog):
+    bogus = {compiler.YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"}
+    monkeypatch.setattr(compiler, "CPU_OPTIONS", bogus)
+    with caplog.at_level(logging.WARNING, logger="bt_jax.compiler"):
+        assert bt_jax.compiler_options() is None
+    assert "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE" in caplog.text
+
+
+def test_jit_model_function_uses_options(fresh_options):
+    # The tiny model's reductions are too small for XLA to give to YNNPACK, so
+    # the jitted body is `_layer`, whose reductions are not.
+    config = BridgeTowerConfig.from_dict(tiny_config())
+    model = bt_jax.BridgeTowerForImageAndTextRetrieval(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    run = jit_model_function(graphdef, lambda model, x, w: _layer(x, w))
+    x = jnp.ones((64, 256))
+    w = jnp.ones((256, 256))
+    fusions = ynn_fusion_ops(run.lower(state, x, w).compile().as_text())
+    assert {"dot"} in fusions
+    assert not _has_reduction(fusions)
