@@ -236,3 +236,28 @@ def test_step_parts_times_every_part(capsys):
         seconds, work = (float(value) for value in line[32:].split()[:2])
         assert seconds > 0
         assert work > 0
+
+
+def test_compiler_ab_times_both_executables(tmp_path, capsys):
+    from bench import compiler_ab
+
+    report = tmp_path / "ab.json"
+    arguments = ["--quick", "--rows", "tiny-itm-b2", "--pairs", "2"]
+    arguments += ["--work-dir", str(tmp_path), "--json", str(report)]
+    assert compiler_ab.main(arguments) == 0
+    (result,) = json.loads(report.read_text())
+    assert result["row"] == "tiny-itm-b2"
+    for name in ("options", "defaults"):
+        assert result["median_s"][name] > 0, name
+        assert result["compile_s"][name] > 0, name
+    assert result["max_abs_diff"] <= compiler_ab.OUTPUT_ATOL
+    assert "tiny-itm-b2" in capsys.readouterr().out
+
+
+def test_compiler_ab_rejects_unknown_row(capsys):
+    from bench import compiler_ab
+
+    with pytest.raises(SystemExit) as exit_info:
+        compiler_ab.main(["--rows", "base-vqa-b1"])
+    assert exit_info.value.code == 2
+    assert "--rows base-vqa-b1 matches no row" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+"""Time bt-jax with and without `bt_jax.compiler_options()`, in one process.
+
+    python -m bench.compiler_ab [--rows base-train-b4 base-itm-b8] [--pairs 6]
+
+For each row of `python -m bench` (same random checkpoint, same inputs), it
+builds two bt-jax runners: one compiled with bt-jax's CPU compiler options, the
+other with XLA's defaults. After two untimed calls each, it alternates their
+timed calls (options first, then defaults first, and so on), so a change in
+the machine's speed during the run affects both alike. It prints the median
+and best seconds per call of each and the ratio of the medians, and checks
+that both compute the same outputs. CPU only; the options do nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.__main__ import (
+    FULL_ROWS,
+    QUICK_ROWS,
+    _preset_dict,
+    make_checkpoint,
+    make_inputs,
+    missing_itc_sizes,
+)
+
+logger = logging.getLogger("bench.compiler_ab")
+
+DEFAULT_ROWS = ("base-train-b4", "base-itm-b8", "base-itm-b1")
+# The two executables differ only in how they sum, so outputs agree to rounding.
+OUTPUT_ATOL = 1e-4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compiler_ab", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help=f"row names or patterns of `python -m bench` (default: {' '.join(DEFAULT_ROWS)})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny-model rows, for smoke tests"
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=6, help="timed calls of each executable"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="folder for the random checkpoints and input arrays, kept and reused "
+        "between runs (default: a temporary folder, deleted at the end)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def select_rows(parser, args) -> list:
+    rows = QUICK_ROWS if args.quick else FULL_ROWS
+    patterns = args.rows or (
+        [row.name for row in rows] if args.quick else list(DEFAULT_ROWS)
+    )
+    names = [row.name for row in rows]
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        parser.error(
+            f"--rows {' '.join(unmatched)} matches no row; the rows are: "
+            f"{', '.join(names)}"
+        )
+    return [row for row in rows if any(fnmatch.fnmatch(row.name, p) for p in patterns)]
+
+
+def compare_row(row, work_dir: Path, pairs: int) -> dict:
+    """Time one row's two runners in alternation and return the summary."""
+    import bt_jax.compiler
+    from bench.jax_runner import JaxRunner
+
+    checkpoint = make_checkpoint(row.size, work_dir)
+    config = {**_preset_dict(row.size), **missing_itc_sizes(row.size)}
+    inputs_path = make_inputs(row, config, work_dir / f"{row.name}.npz", seed=0)
+    inputs = dict(np.load(inputs_path))
+
+    runners = {"options": JaxRunner(row.task, str(checkpoint), inputs)}
+    outputs = {"options": runners["options"].reference_outputs()}
+    # Trainer and JaxRunner read the options through the module, so replacing
+    # the function there compiles the second runner, and the outputs a training
+    # row jits for the comparison, with XLA's defaults.
+    chosen = bt_jax.compiler.compiler_options
+    bt_jax.compiler.compiler_options = lambda: None
+    try:
+        runners["defaults"] = JaxRunner(row.task, str(checkpoint), inputs)
+        outputs["defaults"] = runners["defaults"].reference_outputs()
+    finally:
+        bt_jax.compiler.compiler_options = chosen
+
+    max_abs = float(np.abs(outputs["options"] - outputs["defaults"]).max())
+    if not max_abs <= OUTPUT_ATOL:
+        raise ValueError(
+            f"{row.name}: the two executables' outputs differ by {max_abs:.3g}, "
+            f"above {OUTPUT_ATOL:g}"
+        )
+
+    for runner in runners.values():
+        runner.call()
+        runner.call()
+    seconds = {name: [] for name in runners}
+    for index in range(pairs):
+        order = ("options", "defaults") if index % 2 == 0 else ("defaults", "options")
+        for name in order:
+            started = time.perf_counter()
+            runners[name].call()
+            seconds[name].append(time.perf_counter() - started)
+        logger.info(
+            "%s pair %d/%d: options %.3f s, defaults %.3f s",
+            row.name,
+            index + 1,
+            pairs,
+            seconds["options"][-1],
+            seconds["defaults"][-1],
+        )
+    medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    return {
+        "row": row.name,
+        "pairs": pairs,
+        "median_s": medians,
+        "best_s": {name: float(min(values)) for name, values in seconds.items()},
+        "speedup": medians["defaults"] / medians["options"],
+        "max_abs_diff": max_abs,
+        "compile_s": {name: r.compile_seconds for name, r in runners.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error(f"--pairs must be at least 1, got {args.pairs}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rows = select_rows(parser, args)
+
+    import jax
+
+    import bt_jax
+
+    if jax.default_backend() != "cpu":
+        parser.error(
+            f"the options apply to XLA's CPU backend, but JAX runs on "
+            f"{jax.default_backend()}; set JAX_PLATFORMS=cpu"
+        )
+    options = bt_jax.compiler_options()
+    if options is None:
+        parser.error(
+            "bt_jax.compiler_options() is None here (XLA_FLAGS sets the YNNPACK "
+            "fusion flag, or this jaxlib rejected it), so there is nothing to compare"
+        )
+    with tempfile.TemporaryDirectory(prefix="bt-jax-compiler-ab-") as temporary:
+        work_dir = args.work_dir or Path(temporary)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        results = [compare_row(row, work_dir, args.pairs) for row in rows]
+    print(f"compiler options: {options}")
+    print(
+        f"{'row':24s} {'options s':>10s} {'defaults s':>11s} {'speedup':>8s} "
+        f"{'max abs diff':>13s}"
+    )
+    for result in results:
+        print(
+            f"{result['row']:24s} {result['median_s']['options']:10.3f} "
+            f"{result['median_s']['defaults']:11.3f} {result['speedup']:8.3f} "
+            f"{result['max_abs_diff']:13.2e}"
+        )
+    print(
+        f"Medians of {args.pairs} alternating calls each; speedup is the defaults' "
+        "median over the options' median."
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
