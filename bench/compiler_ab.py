@@ -14,7 +14,6 @@ that both compute the same outputs. CPU only; the options do nothing elsewhere.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import logging
 import sys
@@ -25,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.__main__ import (
-    FULL_ROWS,
-    QUICK_ROWS,
+    Row,
     _preset_dict,
     make_checkpoint,
     make_inputs,
     missing_itc_sizes,
 )
+from bench.__main__ import select_rows as select_bench_rows
 
 logger = logging.getLogger("bench.compiler_ab")
 
@@ -48,13 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows",
         nargs="+",
         default=None,
-        help=f"row names or patterns of `python -m bench` (default: {' '.join(DEFAULT_ROWS)})",
+        help="rows of `python -m bench`, as names or fnmatch patterns "
+        f"(default: {' '.join(DEFAULT_ROWS)})",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny-model rows, for smoke tests"
     )
     parser.add_argument(
-        "--pairs", type=int, default=6, help="timed calls of each executable"
+        "--pairs",
+        type=int,
+        default=6,
+        help="timed calls of each executable (default: 6)",
     )
     parser.add_argument(
         "--work-dir",
@@ -66,19 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def select_rows(parser, args) -> list:
-    rows = QUICK_ROWS if args.quick else FULL_ROWS
-    patterns = args.rows or (
-        [row.name for row in rows] if args.quick else list(DEFAULT_ROWS)
-    )
-    names = [row.name for row in rows]
-    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
-    if unmatched:
-        parser.error(
-            f"--rows {' '.join(unmatched)} matches no row; the rows are: "
-            f"{', '.join(names)}"
-        )
-    return [row for row in rows if any(fnmatch.fnmatch(row.name, p) for p in patterns)]
+def select_rows(parser: argparse.ArgumentParser, args) -> list[Row]:
+    """Return the rows `--rows` names: by default DEFAULT_ROWS, or with --quick all
+    of its rows."""
+    if not args.rows and not args.quick:
+        args.rows = list(DEFAULT_ROWS)
+    return select_bench_rows(parser, args)
 
 
 def compare_row(row, work_dir: Path, pairs: int) -> dict:
@@ -93,9 +89,9 @@ def compare_row(row, work_dir: Path, pairs: int) -> dict:
 
     runners = {"options": JaxRunner(row.task, str(checkpoint), inputs)}
     outputs = {"options": runners["options"].reference_outputs()}
-    # Trainer and JaxRunner read the options through the module, so replacing
-    # the function there compiles the second runner, and the outputs a training
-    # row jits for the comparison, with XLA's defaults.
+    # Trainer and JaxRunner call `bt_jax.compiler.compiler_options()` through
+    # the module. Replacing it there gives the second runner XLA's defaults.
+    # That includes the outputs that a training row compiles for the check.
     chosen = bt_jax.compiler.compiler_options
     bt_jax.compiler.compiler_options = lambda: None
     try:
@@ -114,6 +110,16 @@ def compare_row(row, work_dir: Path, pairs: int) -> dict:
     for runner in runners.values():
         runner.call()
         runner.call()
+    # Training rows: both states took the same two steps, so their losses agree.
+    losses = {name: runner.last_loss for name, runner in runners.items()}
+    loss_diff = None
+    if losses["options"] is not None:
+        loss_diff = abs(losses["options"] - losses["defaults"])
+        if not loss_diff <= OUTPUT_ATOL * max(1.0, abs(losses["defaults"])):
+            raise ValueError(
+                f"{row.name}: after two steps the losses differ: {losses['options']} "
+                f"with the options, {losses['defaults']} with XLA's defaults"
+            )
     seconds = {name: [] for name in runners}
     for index in range(pairs):
         order = ("options", "defaults") if index % 2 == 0 else ("defaults", "options")
@@ -130,6 +136,9 @@ def compare_row(row, work_dir: Path, pairs: int) -> dict:
             seconds["defaults"][-1],
         )
     medians = {name: float(np.median(values)) for name, values in seconds.items()}
+    # False where XLA gives no reduction to YNNPACK anyway, as in tiny models.
+    texts = [runner.compiled.as_text() for runner in runners.values()]
+    hlo_differs = texts[0] != texts[1]
     return {
         "row": row.name,
         "pairs": pairs,
@@ -137,6 +146,8 @@ def compare_row(row, work_dir: Path, pairs: int) -> dict:
         "best_s": {name: float(min(values)) for name, values in seconds.items()},
         "speedup": medians["defaults"] / medians["options"],
         "max_abs_diff": max_abs,
+        "loss_diff_after_two_steps": loss_diff,
+        "hlo_differs": hlo_differs,
         "compile_s": {name: r.compile_seconds for name, r in runners.items()},
     }
 
@@ -146,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, got {args.pairs}")
+    if args.work_dir is not None and args.work_dir.is_file():
+        parser.error(f"--work-dir {args.work_dir} is a file; pass a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rows = select_rows(parser, args)
 

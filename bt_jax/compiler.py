@@ -4,10 +4,8 @@ On the CPU backend, XLA's default hands matmuls, convolutions and reductions
 to the YNNPACK library. With jaxlib 0.10.2 on 2 cores, its reductions (layer
 norms, softmax sums, bias gradients, the training step's gradient norms) ran
 slower than XLA's own code. So bt-jax keeps YNNPACK for single matmuls and
-convolutions only. `python -m bench.compiler_ab` measures the difference. On
-that machine the base pretraining step ran 7% faster, base inference at batch
-8 ran 0.7 to 9% faster over several runs, and at batch 1 up to 3% slower. The
-README's speed section gives the figures.
+convolutions only. `python -m bench.compiler_ab` measures the difference, and
+the README's speed section gives its figures.
 
 Pass `compiler_options()` to your own `jax.jit` to compile the same way:
 
@@ -38,15 +36,21 @@ CPU_OPTIONS = {
 }
 
 
-@functools.cache
 def compiler_options() -> dict[str, str] | None:
     """Return the options for `jax.jit(..., compiler_options=...)`, or None.
 
     Returns None on non-CPU backends and when `XLA_FLAGS` sets the YNNPACK
     fusion flag itself. It also returns None, with a warning, when this
     jaxlib rejects the options, because they are experimental and may be
-    renamed.
+    renamed. Each call returns a new dict, so callers may change it.
     """
+    options = _checked_options()
+    return None if options is None else dict(options)
+
+
+@functools.cache
+def _checked_options() -> dict[str, str] | None:
+    """Decide the options once per process (see `compiler_options`)."""
     if jax.default_backend() != "cpu":
         return None
     if YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):

@@ -239,18 +239,23 @@ def test_step_parts_times_every_part(capsys):
 
 
 def test_compiler_ab_times_both_executables(tmp_path, capsys):
+    import bt_jax.compiler
     from bench import compiler_ab
 
     report = tmp_path / "ab.json"
     arguments = ["--quick", "--rows", "tiny-itm-b2", "--pairs", "2"]
     arguments += ["--work-dir", str(tmp_path), "--json", str(report)]
+    chosen = bt_jax.compiler.compiler_options
     assert compiler_ab.main(arguments) == 0
+    # The defaults runner's stand-in is gone again.
+    assert bt_jax.compiler.compiler_options is chosen
     (result,) = json.loads(report.read_text())
     assert result["row"] == "tiny-itm-b2"
     for name in ("options", "defaults"):
         assert result["median_s"][name] > 0, name
         assert result["compile_s"][name] > 0, name
     assert result["max_abs_diff"] <= compiler_ab.OUTPUT_ATOL
+    assert result["loss_diff_after_two_steps"] is None
     assert "tiny-itm-b2" in capsys.readouterr().out
 
 

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def fresh_options():
-    # `compiler_options` caches its result per process, so each test clears it.
-    compiler.compiler_options.cache_clear()
+    # `compiler_options` decides once per process, so each test clears that cache.
+    compiler._checked_options.cache_clear()
     yield
-    compiler.compiler_options.cache_clear()
+    compiler._checked_options.cache_clear()
 
 
 def _layer(x, w):
@@ -62,12 +62,27 @@ def test_compiler_options_defer_to_xla_flags(fresh_options, monkeypatch):
     assert bt_jax.compiler_options() is None
 
 
-def test_compiler_options_rejected_warns(fresh_options, monkeypatch, caplog):
-    bogus = {compiler.YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"}
+@pytest.mark.parametrize(
+    "bogus",
+    [
+        # A value this jaxlib does not know, and a flag it does not know, as
+        # after a rename.
+        {compiler.YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"},
+        {"xla_cpu_no_such_ynn_flag": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    ],
+    ids=["value", "flag"],
+)
+def test_compiler_options_rejected_warns(fresh_options, monkeypatch, caplog, bogus):
     monkeypatch.setattr(compiler, "CPU_OPTIONS", bogus)
     with caplog.at_level(logging.WARNING, logger="bt_jax.compiler"):
         assert bt_jax.compiler_options() is None
-    assert "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE" in caplog.text
+    assert str(bogus) in caplog.text
+
+
+def test_compiler_options_returns_new_dict(fresh_options):
+    first = bt_jax.compiler_options()
+    first.clear()
+    assert bt_jax.compiler_options() == compiler.CPU_OPTIONS
 
 
 def test_jit_model_function_uses_options(fresh_options):

@@ -336,10 +336,13 @@ class Trainer:
         grads, metrics = self._gradients(state.params, batch, rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # On CPU, XLA's default gives these sums to YNNPACK, where the one over
-        # the (768, 50265) MLM decoder kernel alone took 2.4 s of the base
-        # pretraining step on 2 cores. `compiler.compiler_options()` keeps
-        # reductions in XLA's own code instead (see bt_jax/compiler.py).
+        # NOTE: with XLA's CPU defaults (jaxlib 0.10.2) these two norms cost 1
+        # to 2.5 s of the base pretraining step's 23 to 26 s on 2 cores. XLA
+        # gave each parameter's sum to YNNPACK as a tree of reduce-windows, and
+        # the one over the (768, 50265) MLM decoder kernel took 2.4 s in a
+        # profile. Writing the sums as einsum, vdot, |x| * |x| or row sums did
+        # not avoid it. `compiler.compiler_options()` keeps reductions out of
+        # YNNPACK; what the norms cost then, and on accelerators, is unmeasured.
         metrics = {
             **metrics,
             "grad_norm": optax.global_norm(grads),
