@@ -342,7 +342,7 @@ class Trainer:
         # the one over the (768, 50265) MLM decoder kernel took 2.4 s in a
         # profile. Writing the sums as einsum, vdot, |x| * |x| or row sums did
         # not avoid it. `compiler.compiler_options()` keeps reductions out of
-        # YNNPACK; what the norms cost then, and on accelerators, is unmeasured.
+        # YNNPACK. What the norms cost then, and on accelerators, is unmeasured.
         metrics = {
             **metrics,
             "grad_norm": optax.global_norm(grads),
