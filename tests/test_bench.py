@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,38 @@ def test_compiler_ab_rejects_unknown_row(capsys):
         compiler_ab.main(["--rows", "base-vqa-b1"])
     assert exit_info.value.code == 2
     assert "--rows base-vqa-b1 matches no row" in capsys.readouterr().err
+
+
+def test_compile_cache_runs_two_workers_on_one_cache(tmp_path, monkeypatch, capsys):
+    from bench import compile_cache
+
+    caches = []
+
+    def fake_run(command, *, env, **_):
+        # Stands in for a worker: stores 1 MiB in the cache it was given.
+        cache = Path(env["JAX_COMPILATION_CACHE_DIR"])
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"entry-{len(caches)}").write_bytes(bytes(2**19))
+        caches.append(cache)
+        assert command[-5:] == ["--worker", "--size", "tiny", "--batch", "2"]
+        timings = {"compile_step_seconds": 3.0 - len(caches), "cache_hits": 0}
+        return subprocess.CompletedProcess(command, 0, json.dumps(timings), "")
+
+    monkeypatch.setattr(compile_cache.subprocess, "run", fake_run)
+    report = tmp_path / "cache.json"
+    arguments = ["--size", "tiny", "--batch", "2", "--json", str(report)]
+    assert compile_cache.main(arguments) == 0
+    assert len(caches) == 2 and caches[0] == caches[1]
+    assert not caches[0].exists()  # the temporary cache is removed
+    result = json.loads(report.read_text())
+    assert result["empty_cache"]["compile_step_seconds"] == 2.0
+    assert result["filled_cache"]["compile_step_seconds"] == 1.0
+    assert result["cache_mib"] == 1.0
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_compile_cache_rejects_zero_batch():
+    from bench import compile_cache
+
+    with pytest.raises(SystemExit, match="--batch must be positive, got 0"):
+        compile_cache.main(["--batch", "0"])

@@ -178,7 +178,9 @@ def test_train_restore_on_fewer_devices(inputs, runs, devices):
 
 
 def test_train_sigterm_saves_and_exits(inputs, runs):
-    # The same settings as the 1-device restore, so the step comes from the cache.
+    # Without JAX_COMPILATION_CACHE_DIR the program keeps its compilation cache
+    # in the workdir. A copy of the shared cache would not serve it, because
+    # JAX's cache keys contain the cache's path.
     workdir = runs / "sigterm"
     code, output = _finish(
         _train(
@@ -187,9 +189,12 @@ def test_train_sigterm_saves_and_exits(inputs, runs):
             1,
             "--config.debug.signal_after_step=7",
             "--config.debug.signal=SIGTERM",
+            env={"JAX_COMPILATION_CACHE_DIR": ""},
         )
     )
     assert code == 0, output[-3000:]
+    assert f"compilation cache: {workdir / 'compilation_cache'}" in output
+    assert any((workdir / "compilation_cache").glob("jit__step-*"))
     assert "stopped at step 7 on request" in output
     assert _checkpoint_steps(workdir) == [5, 7]
     assert not (workdir / "model").exists()

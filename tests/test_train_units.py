@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grain
 import jax
@@ -302,6 +303,68 @@ def test_cli_unknown_config_field_one_line_error(tmp_path):
     assert "the config has no field 'learning_rat'" in result.stderr
     assert 'Did you mean "learning_rate"?' in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# Compiles a small function after `enable_compilation_cache(WORKDIR)` and
+# prints the cache directory in use and the number of cache hits.
+_CACHE_SCRIPT = """
+import sys
+from pathlib import Path
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from train.setup import enable_compilation_cache
+
+hits = []
+jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
+print(enable_compilation_cache(Path(sys.argv[1])))
+jax.jit(lambda x: jnp.tanh(x) @ x)(jnp.ones((64, 64))).block_until_ready()
+print(hits.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def _compile_with_cache(workdir, **environment) -> tuple[Path, int]:
+    variables = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "JAX_COMPILATION_CACHE_DIR"
+    }
+    variables |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **environment}
+    result = subprocess.run(
+        [sys.executable, "-c", _CACHE_SCRIPT, str(workdir)],
+        cwd=REPO,
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    directory, hits = result.stdout.split()[-2:]
+    return Path(directory), int(hits)
+
+
+def test_compilation_cache_in_workdir_hit_by_next_process(tmp_path):
+    directory, hits = _compile_with_cache(tmp_path)
+    assert directory == tmp_path / "compilation_cache"
+    assert hits == 0
+    assert any(directory.iterdir())
+    # Every program of the first process (with jnp.ones) was stored, and the
+    # second process loads them.
+    again, hits = _compile_with_cache(tmp_path)
+    assert again == directory
+    assert hits >= 1
+
+
+def test_compilation_cache_environment_directory_kept(tmp_path):
+    other = tmp_path / "shared"
+    directory, hits = _compile_with_cache(
+        tmp_path / "run", JAX_COMPILATION_CACHE_DIR=str(other)
+    )
+    assert (directory, hits) == (other, 0)
+    assert any(other.iterdir())
     assert not (tmp_path / "run").exists()
 
 

@@ -6,12 +6,15 @@
 The config file's `get_config()` gives every setting (see
 `bt_jax.training.settings.default_config` for the fields); `--config.FIELD=VALUE`
 overrides one. Rerunning the same command resumes from the newest checkpoint in
-the workdir. SIGTERM saves a checkpoint and exits with status 0.
+the workdir and loads the compiled step from WORKDIR/compilation_cache
+instead of compiling it again. SIGTERM saves a checkpoint and exits with
+status 0.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -23,6 +26,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, logs, the report and the model."
+)
+
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache",
+    True,
+    "Keep compiled programs in WORKDIR/compilation_cache, so that rerunning the "
+    "command skips compiling the step; JAX_COMPILATION_CACHE_DIR, if set, names "
+    "another directory. --nocompilation_cache turns it off.",
 )
 
 logger = logging.getLogger("train")
@@ -44,6 +55,11 @@ def main(argv: list[str]) -> int:
 
     from bt_jax.checkpoint import CheckpointMismatchError
     from train.loop import NonFiniteLossError, train_and_evaluate
+
+    if _COMPILATION_CACHE.value:
+        from train.setup import enable_compilation_cache
+
+        enable_compilation_cache(Path(_WORKDIR.value).absolute())
 
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
