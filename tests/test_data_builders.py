@@ -207,6 +207,17 @@ def test_jsonl_build_from_materialized_samples(tmp_path):
     assert sum(records.texts_per_record()) == total_texts
 
 
+def test_build_prints_no_download_lines(tmp_path, capsys, caplog):
+    source = tmp_path / "samples"
+    samples.materialize(source)
+    with caplog.at_level(logging.INFO, logger="bt_jax.data"):
+        build_dataset("jsonl", source, tmp_path / "out", num_threads=2)
+    printed = capsys.readouterr().out
+    assert "Downloading and preparing" not in printed
+    assert "downloaded and prepared" not in printed
+    assert f"building bt_image_text 1.0.0 in {tmp_path / 'out'}" in caplog.text
+
+
 def test_coco_build_metadata_counts_texts(coco):
     metadata = load_metadata(coco.dataset)
     assert metadata["format"] == "coco"

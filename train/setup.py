@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import jax
+import tensorflow_datasets as tfds
 
 from bt_jax import hub, processing, sharding
 from bt_jax.config import BridgeTowerConfig, load_preset
@@ -374,6 +375,8 @@ def dataset_path(config, workdir: Path) -> str:
     if not built.is_dir():
         if jax.process_index() == 0:
             logger.info("building the sample photos as a dataset in %s", target)
+            # The builder shows its own progress bar, so TFDS's would repeat it.
+            tfds.disable_progress_bar()
             build_sample_dataset(target)
         _sync("sample dataset")
     return str(built)

@@ -127,6 +127,14 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
 
     # -- TFDS hooks --------------------------------------------------------------
 
+    # TFDS prints download lines to stdout around a build, but nothing is downloaded
+    # here. These private hooks log the start instead, and `build` logs the end.
+    def _log_download_bytes(self) -> None:
+        logger.info("building %s %s in %s", self.name, self.version, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
             # The source file's encoded bytes (JPEG, PNG, ...), never re-encoded.
