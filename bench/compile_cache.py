@@ -106,7 +106,14 @@ def _run_worker(args, cache: Path) -> dict:
             f"error: the worker failed with status {result.returncode}:\n"
             f"{result.stderr[-3000:]}"
         )
-    timings = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = result.stdout.strip().splitlines()
+    try:
+        timings = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise SystemExit(
+            "error: the worker's last output line is not its JSON timings:\n"
+            f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        ) from None
     timings["process_seconds"] = round(time.perf_counter() - started, 2)
     return timings
 
@@ -116,12 +123,18 @@ def _directory_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch < 1:
         raise SystemExit(f"error: --batch must be positive, got {args.batch}.")
     if args.worker:
         print(json.dumps(worker(args.size, args.batch)))
         return 0
+    if args.json:
+        # Checked before the workers run for minutes.
+        from bench.gpu import check_writable
+
+        check_writable(parser, args.json)
     with tempfile.TemporaryDirectory(prefix="bt-jax-cache-") as directory:
         cache = Path(directory) / "compilation_cache"
         print("first process, empty cache ...", file=sys.stderr, flush=True)
@@ -138,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         "cache_mib": round(cache_bytes / 2**20, 1),
     }
     print(json.dumps(results, indent=2))
+    if not filled["cache_hits"]:
+        print(
+            "error: the second process loaded nothing from the cache, so the "
+            "timings do not show its effect. Check that JAX_ENABLE_COMPILATION_CACHE "
+            "is not set to false.",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -269,32 +269,75 @@ def test_compiler_ab_rejects_unknown_row(capsys):
     assert "--rows base-vqa-b1 matches no row" in capsys.readouterr().err
 
 
-def test_compile_cache_runs_two_workers_on_one_cache(tmp_path, monkeypatch, capsys):
-    from bench import compile_cache
+def _fake_cache_workers(hits, stdout=None):
+    """Return a stand-in for `subprocess.run` and the caches it was given.
 
+    Each call stores 0.5 MiB in its cache and reports the next of `hits`.
+    """
     caches = []
 
-    def fake_run(command, *, env, **_):
-        # Stands in for a worker: stores 1 MiB in the cache it was given.
+    def run(command, *, env, **_):
         cache = Path(env["JAX_COMPILATION_CACHE_DIR"])
         cache.mkdir(parents=True, exist_ok=True)
         (cache / f"entry-{len(caches)}").write_bytes(bytes(2**19))
         caches.append(cache)
         assert command[-5:] == ["--worker", "--size", "tiny", "--batch", "2"]
-        timings = {"compile_step_seconds": 3.0 - len(caches), "cache_hits": 0}
-        return subprocess.CompletedProcess(command, 0, json.dumps(timings), "")
+        timings = {
+            "compile_step_seconds": 3.0 - len(caches),
+            "cache_hits": hits[len(caches) - 1],
+        }
+        output = json.dumps(timings) if stdout is None else stdout
+        return subprocess.CompletedProcess(command, 0, output, "")
 
-    monkeypatch.setattr(compile_cache.subprocess, "run", fake_run)
+    return run, caches
+
+
+def test_compile_cache_workers_share_cache(tmp_path, monkeypatch, capsys):
+    from bench import compile_cache
+
+    run, caches = _fake_cache_workers([0, 1])
+    monkeypatch.setattr(compile_cache.subprocess, "run", run)
     report = tmp_path / "cache.json"
     arguments = ["--size", "tiny", "--batch", "2", "--json", str(report)]
     assert compile_cache.main(arguments) == 0
-    assert len(caches) == 2 and caches[0] == caches[1]
+    assert len(caches) == 2
+    assert caches[0] == caches[1]
     assert not caches[0].exists()  # the temporary cache is removed
     result = json.loads(report.read_text())
     assert result["empty_cache"]["compile_step_seconds"] == 2.0
     assert result["filled_cache"]["compile_step_seconds"] == 1.0
+    assert result["filled_cache"]["cache_hits"] == 1
     assert result["cache_mib"] == 1.0
     assert json.loads(capsys.readouterr().out) == result
+
+
+def test_compile_cache_without_hits_fails(tmp_path, monkeypatch, capsys):
+    from bench import compile_cache
+
+    run, _ = _fake_cache_workers([0, 0])
+    monkeypatch.setattr(compile_cache.subprocess, "run", run)
+    report = tmp_path / "cache.json"
+    arguments = ["--size", "tiny", "--batch", "2", "--json", str(report)]
+    assert compile_cache.main(arguments) == 1
+    assert "loaded nothing from the cache" in capsys.readouterr().err
+    assert not report.exists()
+
+
+def test_compile_cache_worker_output_not_json(monkeypatch):
+    from bench import compile_cache
+
+    run, _ = _fake_cache_workers([0, 1], stdout="Segmentation fault\n")
+    monkeypatch.setattr(compile_cache.subprocess, "run", run)
+    with pytest.raises(SystemExit, match="last output line is not its JSON timings"):
+        compile_cache.main(["--size", "tiny", "--batch", "2"])
+
+
+def test_compile_cache_json_folder_missing(tmp_path, capsys):
+    from bench import compile_cache
+
+    with pytest.raises(SystemExit):
+        compile_cache.main(["--json", str(tmp_path / "missing" / "cache.json")])
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_compile_cache_rejects_zero_batch():

@@ -5,7 +5,8 @@ Every run is a real subprocess on simulated CPU devices, training a tiny model
 (width 64, 2 text and 2 vision layers, 1 cross-modal layer, 32 px images, a
 300-token BPE vocabulary) on the sample photos. Runs with the same device count
 and settings share XLA's persistent compilation cache, so the step compiles
-once per device count. Runs are compared only with each other, so they compile
+once per device count, except in the SIGTERM test, which checks the program's
+own cache in the workdir. Runs are compared only with each other, so they compile
 faster, without LLVM's optimisations (`helpers.FAST_COMPILE_ENV`).
 """
 

@@ -306,27 +306,26 @@ def test_cli_unknown_config_field_one_line_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# Compiles a small function after `enable_compilation_cache(WORKDIR)` and
-# prints the cache directory in use and the number of cache hits.
+# Compiles a small function after `configure_compilation_cache(WORKDIR, ENABLED)`
+# and prints the cache directory in use and the number of cache hits.
 _CACHE_SCRIPT = """
 import sys
-from pathlib import Path
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from train.setup import enable_compilation_cache
+from train.setup import configure_compilation_cache
 
 hits = []
 jax.monitoring.register_event_listener(lambda event, **_: hits.append(event))
-print(enable_compilation_cache(Path(sys.argv[1])))
+print(configure_compilation_cache(Path(sys.argv[1]), enabled=sys.argv[2] == "on"))
 jax.jit(lambda x: jnp.tanh(x) @ x)(jnp.ones((64, 64))).block_until_ready()
 print(hits.count("/jax/compilation_cache/cache_hits"))
 """
 
 
-def _compile_with_cache(workdir, **environment) -> tuple[Path, int]:
+def _compile_with_cache(workdir, enabled="on", **environment) -> tuple[str, int]:
     variables = {
         name: value
         for name, value in os.environ.items()
@@ -334,7 +333,7 @@ def _compile_with_cache(workdir, **environment) -> tuple[Path, int]:
     }
     variables |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **environment}
     result = subprocess.run(
-        [sys.executable, "-c", _CACHE_SCRIPT, str(workdir)],
+        [sys.executable, "-c", _CACHE_SCRIPT, str(workdir), enabled],
         cwd=REPO,
         env=variables,
         capture_output=True,
@@ -343,14 +342,14 @@ def _compile_with_cache(workdir, **environment) -> tuple[Path, int]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     directory, hits = result.stdout.split()[-2:]
-    return Path(directory), int(hits)
+    return directory, int(hits)
 
 
-def test_compilation_cache_in_workdir_hit_by_next_process(tmp_path):
+def test_compilation_cache_hit_by_next_process(tmp_path):
     directory, hits = _compile_with_cache(tmp_path)
-    assert directory == tmp_path / "compilation_cache"
+    assert directory == str(tmp_path / "compilation_cache")
     assert hits == 0
-    assert any(directory.iterdir())
+    assert any(Path(directory).iterdir())
     # Every program of the first process (with jnp.ones) was stored, and the
     # second process loads them.
     again, hits = _compile_with_cache(tmp_path)
@@ -363,8 +362,52 @@ def test_compilation_cache_environment_directory_kept(tmp_path):
     directory, hits = _compile_with_cache(
         tmp_path / "run", JAX_COMPILATION_CACHE_DIR=str(other)
     )
-    assert (directory, hits) == (other, 0)
+    assert (directory, hits) == (str(other), 0)
     assert any(other.iterdir())
+    assert not (tmp_path / "run").exists()
+
+
+def test_compilation_cache_off_ignores_environment(tmp_path):
+    other = tmp_path / "shared"
+    result = _compile_with_cache(
+        tmp_path / "run", "off", JAX_COMPILATION_CACHE_DIR=str(other)
+    )
+    assert result == ("None", 0)
+    assert not other.exists()
+    assert not (tmp_path / "run").exists()
+
+
+def _train_cli(tmp_path, *arguments) -> subprocess.CompletedProcess:
+    variables = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "JAX_COMPILATION_CACHE_DIR"
+    }
+    command = [sys.executable, "-m", "train", "--config"]
+    command += [str(REPO / "configs" / "demo.py"), "--workdir", str(tmp_path / "run")]
+    return subprocess.run(
+        [*command, *arguments],
+        cwd=REPO,
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_nocompilation_cache_turns_cache_off(tmp_path):
+    # total_steps=0 fails the settings check, after the cache is configured.
+    result = _train_cli(tmp_path, "--nocompilation_cache", "--config.total_steps=0")
+    assert result.returncode == 2
+    assert "compilation cache: off" in result.stderr
+    assert "total_steps" in result.stderr
+
+
+def test_cli_boolean_flag_value_one_line_error(tmp_path):
+    result = _train_cli(tmp_path, "--nocompilation_cache=1")
+    assert result.returncode == 2
+    assert "error: --nocompilation_cache=1 does not take an argument" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -32,8 +32,8 @@ _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache",
     True,
     "Keep compiled programs in WORKDIR/compilation_cache, so that rerunning the "
-    "command skips compiling the step; JAX_COMPILATION_CACHE_DIR, if set, names "
-    "another directory. --nocompilation_cache turns it off.",
+    "command skips compiling the step. JAX_COMPILATION_CACHE_DIR, if set, names "
+    "another directory. --nocompilation_cache turns the cache off, that one too.",
 )
 
 logger = logging.getLogger("train")
@@ -55,11 +55,11 @@ def main(argv: list[str]) -> int:
 
     from bt_jax.checkpoint import CheckpointMismatchError
     from train.loop import NonFiniteLossError, train_and_evaluate
+    from train.setup import configure_compilation_cache
 
-    if _COMPILATION_CACHE.value:
-        from train.setup import enable_compilation_cache
-
-        enable_compilation_cache(Path(_WORKDIR.value).absolute())
+    configure_compilation_cache(
+        Path(_WORKDIR.value).absolute(), enabled=_COMPILATION_CACHE.value
+    )
 
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -36,6 +36,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             file=sys.stderr,
         )
         sys.exit(2)
-    except (flags.Error, OSError) as error:
+    # absl raises ValueError for a value given to a boolean's --noNAME form.
+    except (flags.Error, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

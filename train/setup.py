@@ -94,8 +94,8 @@ def initialize_distributed() -> None:
     )
 
 
-def enable_compilation_cache(workdir: Path) -> Path:
-    """Keep the run's compiled programs in `workdir/compilation_cache`.
+def configure_compilation_cache(workdir: Path, enabled: bool = True) -> Path | None:
+    """Point JAX's compilation cache at `workdir/compilation_cache`, or turn it off.
 
     JAX's persistent compilation cache then stores every program that took
     longer than `jax_persistent_cache_min_compile_time_secs` (1 s by default)
@@ -108,9 +108,16 @@ def enable_compilation_cache(workdir: Path) -> Path:
     XLA's GPU autotuning results), so entries are tied to the cache's path: a
     copied or moved workdir compiles again (checked with jax 0.10.2 on CPU).
 
+    With `enabled=False` JAX's cache is off, even for a directory that
+    `JAX_COMPILATION_CACHE_DIR` names.
+
     Returns:
-      The cache directory in use.
+      The cache directory in use, or None when the cache is off.
     """
+    if not enabled:
+        jax.config.update("jax_enable_compilation_cache", False)
+        logger.info("compilation cache: off")
+        return None
     configured = jax.config.jax_compilation_cache_dir
     if configured:
         logger.info("compilation cache: %s (JAX_COMPILATION_CACHE_DIR)", configured)
