@@ -367,10 +367,14 @@ def test_compilation_cache_environment_directory_kept(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_compilation_cache_off_ignores_environment(tmp_path):
+@pytest.mark.parametrize(
+    "enabled, environment",
+    [("off", {}), ("on", {"JAX_ENABLE_COMPILATION_CACHE": "false"})],
+)
+def test_compilation_cache_off_ignores_directory(tmp_path, enabled, environment):
     other = tmp_path / "shared"
     result = _compile_with_cache(
-        tmp_path / "run", "off", JAX_COMPILATION_CACHE_DIR=str(other)
+        tmp_path / "run", enabled, JAX_COMPILATION_CACHE_DIR=str(other), **environment
     )
     assert result == ("None", 0)
     assert not other.exists()

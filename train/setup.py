@@ -109,7 +109,8 @@ def configure_compilation_cache(workdir: Path, enabled: bool = True) -> Path | N
     copied or moved workdir compiles again (checked with jax 0.10.2 on CPU).
 
     With `enabled=False` JAX's cache is off, even for a directory that
-    `JAX_COMPILATION_CACHE_DIR` names.
+    `JAX_COMPILATION_CACHE_DIR` names. `JAX_ENABLE_COMPILATION_CACHE=false`
+    keeps it off too.
 
     Returns:
       The cache directory in use, or None when the cache is off.
@@ -117,6 +118,9 @@ def configure_compilation_cache(workdir: Path, enabled: bool = True) -> Path | N
     if not enabled:
         jax.config.update("jax_enable_compilation_cache", False)
         logger.info("compilation cache: off")
+        return None
+    if not jax.config.jax_enable_compilation_cache:
+        logger.info("compilation cache: off (JAX_ENABLE_COMPILATION_CACHE)")
         return None
     configured = jax.config.jax_compilation_cache_dir
     if configured:

@@ -62,6 +62,11 @@ def build_dataset(
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"source folder not found: {source}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(
+            f"the output {out} is a file; pass a folder for the dataset (it is "
+            "created if missing)."
+        )
     kwargs: dict[str, Any] = {}
     if format == "vqa":
         kwargs = {"answer_vocab": answer_vocab, "min_answer_count": min_answer_count}
