@@ -399,11 +399,18 @@ def _train_cli(tmp_path, *arguments) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_nocompilation_cache_turns_cache_off(tmp_path):
+@pytest.mark.parametrize(
+    "flags, logged",
+    [
+        ((), "compilation cache: {workdir}/compilation_cache"),
+        (("--nocompilation_cache",), "compilation cache: off"),
+    ],
+)
+def test_cli_compilation_cache_flag(tmp_path, flags, logged):
     # total_steps=0 fails the settings check, after the cache is configured.
-    result = _train_cli(tmp_path, "--nocompilation_cache", "--config.total_steps=0")
+    result = _train_cli(tmp_path, *flags, "--config.total_steps=0")
     assert result.returncode == 2
-    assert "compilation cache: off" in result.stderr
+    assert logged.format(workdir=tmp_path / "run") in result.stderr
     assert "total_steps" in result.stderr
 
 
