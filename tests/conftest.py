@@ -7,7 +7,9 @@ train step then compiles in 10 s instead of 24 s on 2 CPU cores and runs
 slower, which tiny models barely notice. The mark is only for tests that
 compare JAX programs with each other or check behaviour. Tests against
 PyTorch compile as users do. JAX's in-memory caches ignore the flag, so they
-are cleared before and after each marked test.
+are cleared whenever a test's setting differs from the previous test's. The
+setting changes before the test's fixtures are set up, so a module fixture
+compiles with the setting of the first test that uses it.
 
 `make test` runs whole files on two workers in collection order
 (`--dist loadfile --no-loadscope-reorder`). The slowest files are collected
@@ -41,19 +43,19 @@ SLOW_FILES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _fast_compile(request):
-    if request.node.get_closest_marker("fast_compile") is None:
-        yield
-        return
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.clear_caches()
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", previous)
+# The setting unmarked tests run with (JAX_DISABLE_MOST_OPTIMIZATIONS may set it).
+_DEFAULT_OPTIMIZATIONS_OFF = jax.config.values["jax_disable_most_optimizations"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    off = item.get_closest_marker("fast_compile") is not None or (
+        _DEFAULT_OPTIMIZATIONS_OFF
+    )
+    if off != jax.config.values["jax_disable_most_optimizations"]:
+        # Executables compiled with the other setting would otherwise be reused.
         jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", off)
 
 
 def pytest_collection_modifyitems(items):
