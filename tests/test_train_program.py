@@ -1,5 +1,5 @@
-"""`python -m train` end to end: exact resume after kill -9, restore on other
-device counts, SIGTERM, and two processes joined with jax.distributed.
+"""`python -m train` end to end: exact resume after kill -9, restore on one
+device, SIGTERM, and two processes joined with jax.distributed.
 
 Every run is a real subprocess on simulated CPU devices, training a tiny model
 (width 64, 2 text and 2 vision layers, 1 cross-modal layer, 32 px images, a
@@ -141,9 +141,8 @@ def runs(inputs, tmp_path_factory):
         _train(inputs, killed, 8, f"--config.debug.signal_after_step={KILL_AFTER}")
     )
     assert code == -signal.SIGKILL, output[-3000:]
-    # Copies taken before any resume, for restoring on other device counts.
-    for devices in (4, 1):
-        shutil.copytree(killed, root / f"killed_{devices}")
+    # A copy taken before any resume, for restoring on one device.
+    shutil.copytree(killed, root / "killed_1")
     return root
 
 
@@ -161,11 +160,12 @@ def test_train_resume_after_kill_is_exact(inputs, runs):
     assert (killed / "model" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("devices", [4, 1])
-def test_train_restore_on_fewer_devices(inputs, runs, devices):
-    straight, workdir = runs / "straight", runs / f"killed_{devices}"
+def test_train_restore_on_one_device(inputs, runs):
+    # The 8-device checkpoint restores onto a mesh of another size. A 4-device
+    # mesh runs the same restore code and added 47 s to the suite on 2 cores.
+    straight, workdir = runs / "straight", runs / "killed_1"
     start = max(_checkpoint_steps(workdir))
-    output = _run(inputs, workdir, devices)
+    output = _run(inputs, workdir, 1)
     assert f"resuming from step {start}" in output
     expected, resumed = _losses(straight), _losses(workdir)
     first = start + 1
