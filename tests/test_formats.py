@@ -9,6 +9,8 @@ import copy
 import functools
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -26,8 +28,8 @@ from helpers import (
 )
 
 import bt_jax
-from bt_jax.config import HEAD_ARCHITECTURES
-from bt_jax.hub import torch_state_dict
+from bt_jax.config import HEAD_ARCHITECTURES, BridgeTowerConfig
+from bt_jax.hub import abstract_model, torch_state_dict
 from bt_jax.weights.mapping import CheckpointMismatchError
 
 ATOL = 1e-5
@@ -372,3 +374,31 @@ def test_tied_decoder_round_trip(tmp_path):
     assert_outputs_close(
         run_torch(source, "mlm", batch), run_torch(loaded, "mlm", batch), 0.0
     )
+
+
+def test_abstract_model_new_module_per_call():
+    config = BridgeTowerConfig.from_dict(CONFIG)
+    first = abstract_model(config, "itm")
+    second = abstract_model(config, "itm")
+    assert first is not second
+    # Loading writes arrays into the abstract model; later calls stay abstract.
+    dense = first.bridgetower.text_model.encoder.layer[0].intermediate.dense
+    dense.kernel.set_value(jnp.zeros(dense.kernel.shape))
+    later = abstract_model(config, "itm").bridgetower.text_model.encoder.layer[0]
+    assert isinstance(later.intermediate.dense.kernel.get_value(), jax.ShapeDtypeStruct)
+
+
+def test_abstract_model_follows_config_and_dtype():
+    config = BridgeTowerConfig.from_dict(CONFIG)
+    abstract_model(config, "itm")
+    wider = BridgeTowerConfig.from_dict(
+        tiny_config(text_config={"intermediate_size": 96})
+    )
+    for model_config, dtype, width in (
+        (wider, "float32", 96),
+        (config, "bfloat16", 128),
+    ):
+        model = abstract_model(model_config, "itm", param_dtype=jnp.dtype(dtype))
+        kernel = model.bridgetower.text_model.encoder.layer[0].intermediate.dense.kernel
+        assert kernel.shape == (CONFIG["text_config"]["hidden_size"], width)
+        assert kernel.dtype == jnp.dtype(dtype)
