@@ -6,10 +6,13 @@ the tiny train step), but LLVM does not optimise the machine code. The tiny
 train step then compiles in 10 s instead of 24 s on 2 CPU cores and runs
 slower, which tiny models barely notice. The mark is only for tests that
 compare JAX programs with each other or check behaviour. Tests against
-PyTorch compile as users do. JAX's in-memory caches ignore the flag, so they
-are cleared whenever a test's setting differs from the previous test's. The
-setting changes before the test's fixtures are set up, so a module fixture
-compiles with the setting of the first test that uses it.
+PyTorch compile as users do. JAX's in-memory caches ignore the flag (jax
+0.10.2), so they are cleared whenever a test's setting differs from the
+previous test's. The setting changes before the test's fixtures are set up,
+so a module fixture compiles with the setting of the first test that uses it,
+and whatever it keeps (results, compiled functions) has that setting in later
+tests. A file that mixes marked and unmarked tests should therefore not
+compile in module fixtures.
 
 `make test` runs whole files on two workers in collection order
 (`--dist loadfile --no-loadscope-reorder`). The slowest files are collected

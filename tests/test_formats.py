@@ -28,6 +28,7 @@ from helpers import (
 )
 
 import bt_jax
+from bt_jax import sharding
 from bt_jax.config import HEAD_ARCHITECTURES, BridgeTowerConfig
 from bt_jax.hub import abstract_model, torch_state_dict
 from bt_jax.weights.mapping import CheckpointMismatchError
@@ -402,3 +403,17 @@ def test_abstract_model_follows_config_and_dtype():
         kernel = model.bridgetower.text_model.encoder.layer[0].intermediate.dense.kernel
         assert kernel.shape == (CONFIG["text_config"]["hidden_size"], width)
         assert kernel.dtype == jnp.dtype(dtype)
+
+
+def test_abstract_model_under_mesh_carries_shardings():
+    config = BridgeTowerConfig.from_dict(CONFIG)
+
+    def kernel(model):
+        layer = model.bridgetower.text_model.encoder.layer[0]
+        return layer.intermediate.dense.kernel.get_value()
+
+    assert kernel(abstract_model(config, "itm")).sharding is None
+    mesh = sharding.make_mesh((1, 1, 1))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(list(sharding.DEFAULT_RULES)):
+        assert kernel(abstract_model(config, "itm")).sharding is not None
+    assert kernel(abstract_model(config, "itm")).sharding is None

@@ -123,8 +123,8 @@ SCRIPT = textwrap.dedent(
     )
     deterministic = config.replace(text_config=text)
     fused = run(single, config=deterministic)
-    # Dropout does not change the parameters, so the single-device runs share
-    # the first run's initial state instead of compiling init again.
+    # The dropout rate and fusing do not change the initial parameters, so the
+    # single-device runs share the first run's state instead of compiling init.
     separate = run(single, fuse=False, config=deterministic, state=fused[3])
     result["separate_passes"] = compare(*separate[:2], *fused[:2])
 
