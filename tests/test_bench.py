@@ -292,14 +292,20 @@ def _fake_cache_workers(hits, stdout=None):
     return run, caches
 
 
-def test_compile_cache_workers_share_cache(tmp_path, monkeypatch, capsys):
+def _run_compile_cache(hits, tmp_path, monkeypatch):
+    """Run `bench.compile_cache` with fake workers; return (status, report, caches)."""
     from bench import compile_cache
 
-    run, caches = _fake_cache_workers([0, 1])
+    run, caches = _fake_cache_workers(hits)
     monkeypatch.setattr(compile_cache.subprocess, "run", run)
     report = tmp_path / "cache.json"
     arguments = ["--size", "tiny", "--batch", "2", "--json", str(report)]
-    assert compile_cache.main(arguments) == 0
+    return compile_cache.main(arguments), report, caches
+
+
+def test_compile_cache_workers_share_cache(tmp_path, monkeypatch, capsys):
+    status, report, caches = _run_compile_cache([0, 1], tmp_path, monkeypatch)
+    assert status == 0
     assert len(caches) == 2
     assert caches[0] == caches[1]
     assert not caches[0].exists()  # the temporary cache is removed
@@ -312,13 +318,8 @@ def test_compile_cache_workers_share_cache(tmp_path, monkeypatch, capsys):
 
 
 def test_compile_cache_without_hits_fails(tmp_path, monkeypatch, capsys):
-    from bench import compile_cache
-
-    run, _ = _fake_cache_workers([0, 0])
-    monkeypatch.setattr(compile_cache.subprocess, "run", run)
-    report = tmp_path / "cache.json"
-    arguments = ["--size", "tiny", "--batch", "2", "--json", str(report)]
-    assert compile_cache.main(arguments) == 1
+    status, report, _ = _run_compile_cache([0, 0], tmp_path, monkeypatch)
+    assert status == 1
     assert "loaded nothing from the cache" in capsys.readouterr().err
     assert not report.exists()
 

@@ -162,7 +162,7 @@ def test_train_resume_after_kill_is_exact(inputs, runs):
 
 def test_train_restore_on_one_device(inputs, runs):
     # The 8-device checkpoint restores onto a mesh of another size. A 4-device
-    # restore runs the same code; in a suite run on 2 cores it took 47 s.
+    # restore runs the same code, and it took 47 s in a suite run on 2 cores.
     straight, workdir = runs / "straight", runs / "killed_1"
     start = max(_checkpoint_steps(workdir))
     output = _run(inputs, workdir, 1)
