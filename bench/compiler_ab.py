@@ -4,7 +4,7 @@
 
 For each row of `python -m bench` (same random checkpoint, same inputs), it
 builds two bt-jax runners: one compiled with bt-jax's CPU compiler options, the
-other with XLA's defaults. After two untimed calls each, it alternates their
+other with XLA's defaults, or with the options that `--against` gives. After two untimed calls each, it alternates their
 timed calls (options first, then defaults first, and so on), so a change in
 the machine's speed during the run affects both alike. It prints the median
 and best seconds per call of each and the ratio of the medians, and checks
@@ -65,8 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the random checkpoints and input arrays, kept and reused "
         "between runs (default: a temporary folder, deleted at the end)",
     )
+    parser.add_argument(
+        "--against",
+        type=_options_json,
+        help="compiler options for the second runner as a JSON object, in place of "
+        "XLA's defaults, for example an earlier choice: "
+        '\'{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}\'',
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser
+
+
+def _options_json(text: str) -> dict[str, str]:
+    """Parse `--against`: a JSON object of XLA option names and values."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"invalid JSON {text!r} ({error}); pass an object such as "
+            '\'{"xla_cpu_experimental_ynn_fusion_type": ""}\''
+        ) from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a JSON object; pass option names and values in braces"
+        )
+    return options
 
 
 def select_rows(parser: argparse.ArgumentParser, args) -> list[Row]:
@@ -77,8 +100,12 @@ def select_rows(parser: argparse.ArgumentParser, args) -> list[Row]:
     return select_bench_rows(parser, args)
 
 
-def compare_row(row, work_dir: Path, pairs: int) -> dict:
-    """Time one row's two runners in alternation and return the summary."""
+def compare_row(row, work_dir: Path, pairs: int, against: dict | None = None) -> dict:
+    """Time one row's two runners in alternation and return the summary.
+
+    The second runner compiles with XLA's defaults and is named "defaults" in
+    the summary, or with `against` where given and is then named "against".
+    """
     import bt_jax.compiler
     from bench.jax_runner import JaxRunner
 
@@ -87,20 +114,24 @@ def compare_row(row, work_dir: Path, pairs: int) -> dict:
     inputs_path = make_inputs(row, config, work_dir / f"{row.name}.npz", seed=0)
     inputs = dict(np.load(inputs_path))
 
+    other = "defaults" if against is None else "against"
     runners = {"options": JaxRunner(row.task, str(checkpoint), inputs)}
     outputs = {"options": runners["options"].reference_outputs()}
     # Trainer and JaxRunner call `bt_jax.compiler.compiler_options()` through
-    # the module. Replacing it there gives the second runner XLA's defaults.
-    # That includes the outputs that a training row compiles for the check.
+    # the module. Replacing it there gives the second runner XLA's defaults or
+    # `against`. That includes the outputs that a training row compiles for
+    # the check.
     chosen = bt_jax.compiler.compiler_options
-    bt_jax.compiler.compiler_options = lambda: None
+    bt_jax.compiler.compiler_options = lambda: (
+        None if against is None else dict(against)
+    )
     try:
-        runners["defaults"] = JaxRunner(row.task, str(checkpoint), inputs)
-        outputs["defaults"] = runners["defaults"].reference_outputs()
+        runners[other] = JaxRunner(row.task, str(checkpoint), inputs)
+        outputs[other] = runners[other].reference_outputs()
     finally:
         bt_jax.compiler.compiler_options = chosen
 
-    max_abs = float(np.abs(outputs["options"] - outputs["defaults"]).max())
+    max_abs = float(np.abs(outputs["options"] - outputs[other]).max())
     if not max_abs <= OUTPUT_ATOL:
         raise ValueError(
             f"{row.name}: the two executables' outputs differ by {max_abs:.3g}, "
@@ -114,29 +145,30 @@ def compare_row(row, work_dir: Path, pairs: int) -> dict:
     losses = {name: runner.last_loss for name, runner in runners.items()}
     loss_diff = None
     if losses["options"] is not None:
-        loss_diff = abs(losses["options"] - losses["defaults"])
-        if not loss_diff <= OUTPUT_ATOL * max(1.0, abs(losses["defaults"])):
+        loss_diff = abs(losses["options"] - losses[other])
+        if not loss_diff <= OUTPUT_ATOL * max(1.0, abs(losses[other])):
             raise ValueError(
                 f"{row.name}: after two steps the losses differ: {losses['options']} "
-                f"with the options, {losses['defaults']} with XLA's defaults"
+                f"with the options, {losses[other]} with the {other} options"
             )
     seconds = {name: [] for name in runners}
     for index in range(pairs):
-        order = ("options", "defaults") if index % 2 == 0 else ("defaults", "options")
+        order = ("options", other) if index % 2 == 0 else (other, "options")
         for name in order:
             started = time.perf_counter()
             runners[name].call()
             seconds[name].append(time.perf_counter() - started)
         logger.info(
-            "%s pair %d/%d: options %.3f s, defaults %.3f s",
+            "%s pair %d/%d: options %.3f s, %s %.3f s",
             row.name,
             index + 1,
             pairs,
             seconds["options"][-1],
-            seconds["defaults"][-1],
+            other,
+            seconds[other][-1],
         )
     medians = {name: float(np.median(values)) for name, values in seconds.items()}
-    # False where XLA gives no reduction to YNNPACK anyway, as in tiny models.
+    # False where both choices compile to the same program, as in tiny models.
     texts = [runner.compiled.as_text() for runner in runners.values()]
     hlo_differs = texts[0] != texts[1]
     return {
@@ -144,7 +176,8 @@ def compare_row(row, work_dir: Path, pairs: int) -> dict:
         "pairs": pairs,
         "median_s": medians,
         "best_s": {name: float(min(values)) for name, values in seconds.items()},
-        "speedup": medians["defaults"] / medians["options"],
+        "speedup": medians[other] / medians["options"],
+        "against": against,
         "max_abs_diff": max_abs,
         "loss_diff_after_two_steps": loss_diff,
         "hlo_differs": hlo_differs,
@@ -180,21 +213,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bt-jax-compiler-ab-") as temporary:
         work_dir = args.work_dir or Path(temporary)
         work_dir.mkdir(parents=True, exist_ok=True)
-        results = [compare_row(row, work_dir, args.pairs) for row in rows]
+        results = [compare_row(row, work_dir, args.pairs, args.against) for row in rows]
+    other = "defaults" if args.against is None else "against"
     print(f"compiler options: {options}")
+    if args.against is not None:
+        print(f"against: {args.against}")
     print(
-        f"{'row':24s} {'options s':>10s} {'defaults s':>11s} {'speedup':>8s} "
+        f"{'row':24s} {'options s':>10s} {other + ' s':>11s} {'speedup':>8s} "
         f"{'max abs diff':>13s}"
     )
     for result in results:
         print(
             f"{result['row']:24s} {result['median_s']['options']:10.3f} "
-            f"{result['median_s']['defaults']:11.3f} {result['speedup']:8.3f} "
+            f"{result['median_s'][other]:11.3f} {result['speedup']:8.3f} "
             f"{result['max_abs_diff']:13.2e}"
         )
     print(
-        f"Medians of {args.pairs} alternating calls each; speedup is the defaults' "
-        "median over the options' median."
+        f"Medians of {args.pairs} alternating calls each; speedup is the {other} "
+        "runner's median over the options runner's median."
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -1,9 +1,10 @@
 """XLA compiler options that bt-jax's jitted functions are compiled with.
 
 On the CPU backend, XLA's default hands matmuls, convolutions and reductions
-to the YNNPACK library. With jaxlib 0.10.2 on 2 cores, its reductions (layer
-norms, softmax sums, bias gradients, the training step's gradient norms) ran
-slower than XLA's own code. So bt-jax keeps YNNPACK for single matmuls and
+to the YNNPACK library. With jaxlib 0.10.2 on 2 cores, two of those ran slower
+there than in XLA's own code: the reductions (layer norms, softmax sums, bias
+gradients, the training step's gradient norms) and the matmuls at the model's
+shapes, for which XLA's own code calls Eigen. So bt-jax keeps YNNPACK for
 convolutions only. `python -m bench.compiler_ab` measures the difference, and
 the README's speed section gives its figures.
 
@@ -27,13 +28,14 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
-# Only single matmuls and convolutions go to YNNPACK. Reductions and the
-# elementwise work around them stay in XLA's own code.
-CPU_OPTIONS = {
-    YNN_FUSION_FLAG: (
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    )
-}
+# Only single convolutions (the patch embedding) go to YNNPACK. Matmuls,
+# reductions and the elementwise work around them stay in XLA's own code.
+# NOTE: the matmul choice was measured on one kind of host (2-core AMD EPYC
+# with AVX-512). There, against XLA's defaults, the base forward at batch 8
+# and the base train step ran about 6% faster, and the forward at batch 1
+# about 5% slower. Other CPUs may favour YNNPACK's matmuls, and
+# `python -m bench.compiler_ab` measures the difference on each.
+CPU_OPTIONS = {YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
 def compiler_options() -> dict[str, str] | None:

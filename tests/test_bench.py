@@ -260,6 +260,30 @@ def test_compiler_ab_times_both_executables(tmp_path, capsys):
     assert "tiny-itm-b2" in capsys.readouterr().out
 
 
+def test_compiler_ab_against_given_options(tmp_path, capsys):
+    from bench import compiler_ab
+
+    report = tmp_path / "ab.json"
+    against = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    arguments = ["--quick", "--rows", "tiny-itm-b2", "--pairs", "1"]
+    arguments += ["--against", json.dumps(against)]
+    arguments += ["--work-dir", str(tmp_path), "--json", str(report)]
+    assert compiler_ab.main(arguments) == 0
+    (result,) = json.loads(report.read_text())
+    assert result["against"] == against
+    assert set(result["median_s"]) == {"options", "against"}
+    assert f"against: {against}" in capsys.readouterr().out
+
+
+def test_compiler_ab_rejects_invalid_against(capsys):
+    from bench import compiler_ab
+
+    with pytest.raises(SystemExit) as exit_info:
+        compiler_ab.main(["--against", "[1]"])
+    assert exit_info.value.code == 2
+    assert "'[1]' is not a JSON object" in capsys.readouterr().err
+
+
 def test_compiler_ab_rejects_unknown_row(capsys):
     from bench import compiler_ab
 

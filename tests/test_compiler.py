@@ -27,33 +27,52 @@ def fresh_options():
 
 
 def _layer(x, w):
-    # A matmul followed by a LayerNorm and a softmax: the reductions the option
-    # moves out of YNNPACK, next to the matmul it keeps there.
+    # A matmul followed by a LayerNorm and a softmax: the matmul and the
+    # reductions that the options keep out of YNNPACK.
     y = x @ w
     mean = y.mean(-1, keepdims=True)
     y = (y - mean) * jax.lax.rsqrt(((y - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
     return jax.nn.softmax(y, axis=-1).sum()
 
 
-def _compiled_text(options):
-    x = jnp.ones((64, 256))
-    w = jnp.ones((256, 256))
-    return jax.jit(_layer, compiler_options=options).lower(x, w).compile().as_text()
+def _patch_embedding(pixels, kernel):
+    # The vision tower's patch embedding: the convolution that stays in YNNPACK.
+    return jax.lax.conv_general_dilated(
+        pixels, kernel, (16, 16), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _compiled_text(fn, options, *shapes):
+    arrays = [jnp.ones(shape) for shape in shapes]
+    return jax.jit(fn, compiler_options=options).lower(*arrays).compile().as_text()
+
+
+LAYER_SHAPES = ((64, 256), (256, 256))
+PATCH_SHAPES = ((2, 64, 64, 3), (16, 16, 3, 32))
 
 
 def _has_reduction(fusions):
     return any(ops & {"reduce", "reduce-window"} for ops in fusions)
 
 
-def test_compiler_options_exclude_ynn_reductions(fresh_options):
+def test_compiler_options_exclude_ynn_matmuls(fresh_options):
     options = bt_jax.compiler_options()
     assert options is not None
-    fusions = ynn_fusion_ops(_compiled_text(options))
-    assert {"dot"} in fusions
-    assert not _has_reduction(fusions)
-    # The control: XLA's defaults do put a reduction in YNNPACK, so the check
-    # above can fail.
-    assert _has_reduction(ynn_fusion_ops(_compiled_text(None)))
+    assert ynn_fusion_ops(_compiled_text(_layer, options, *LAYER_SHAPES)) == []
+    # The control: XLA's defaults do put the matmul and a reduction in
+    # YNNPACK, so the check above can fail.
+    defaults = ynn_fusion_ops(_compiled_text(_layer, None, *LAYER_SHAPES))
+    assert {"dot"} in defaults
+    assert _has_reduction(defaults)
+
+
+def test_compiler_options_keep_ynn_convolutions(fresh_options):
+    options = bt_jax.compiler_options()
+    fusions = ynn_fusion_ops(_compiled_text(_patch_embedding, options, *PATCH_SHAPES))
+    assert {"convolution"} in fusions
+    # The control: with YNNPACK off, the convolution leaves it.
+    off = {compiler.YNN_FUSION_FLAG: ""}
+    assert ynn_fusion_ops(_compiled_text(_patch_embedding, off, *PATCH_SHAPES)) == []
 
 
 def test_compiler_options_defer_to_xla_flags(fresh_options, monkeypatch):
@@ -86,14 +105,11 @@ def test_compiler_options_returns_new_dict(fresh_options):
 
 
 def test_jit_model_function_uses_options(fresh_options):
-    # The tiny model's reductions are too small for XLA to give to YNNPACK, so
-    # the jitted body is `_layer`, whose reductions are not.
+    # XLA's defaults give `_layer`'s matmul to YNNPACK (see the control
+    # above), and bt-jax's options do not.
     config = BridgeTowerConfig.from_dict(tiny_config())
     model = bt_jax.BridgeTowerForImageAndTextRetrieval(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     run = jit_model_function(graphdef, lambda model, x, w: _layer(x, w))
-    x = jnp.ones((64, 256))
-    w = jnp.ones((256, 256))
-    fusions = ynn_fusion_ops(run.lower(state, x, w).compile().as_text())
-    assert {"dot"} in fusions
-    assert not _has_reduction(fusions)
+    arrays = [jnp.ones(shape) for shape in LAYER_SHAPES]
+    assert ynn_fusion_ops(run.lower(state, *arrays).compile().as_text()) == []
