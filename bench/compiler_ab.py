@@ -1,14 +1,17 @@
-"""Time bt-jax with and without `bt_jax.compiler_options()`, in one process.
+"""Time `bt_jax.compiler_options()` against XLA's defaults or other options.
 
     python -m bench.compiler_ab [--rows base-train-b4 base-itm-b8] [--pairs 6]
+        [--against '{"xla_cpu_experimental_ynn_fusion_type": ""}']
 
 For each row of `python -m bench` (same random checkpoint, same inputs), it
-builds two bt-jax runners: one compiled with bt-jax's CPU compiler options, the
-other with XLA's defaults, or with the options that `--against` gives. After two untimed calls each, it alternates their
-timed calls (options first, then defaults first, and so on), so a change in
-the machine's speed during the run affects both alike. It prints the median
-and best seconds per call of each and the ratio of the medians, and checks
-that both compute the same outputs. CPU only; the options do nothing elsewhere.
+builds two bt-jax runners in one process: one compiled with bt-jax's CPU
+compiler options, the other with XLA's defaults, or with the options that
+`--against` gives. After two untimed calls each, it alternates their timed
+calls (bt-jax's options first, then the other runner first, and so on), so a
+change in the machine's speed during the run affects both alike. It prints the
+median and best seconds per call of each and the ratio of the medians, and
+checks that both compute the same outputs. It runs on the CPU only, because
+bt-jax's options do nothing elsewhere.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from bench.__main__ import select_rows as select_bench_rows
 logger = logging.getLogger("bench.compiler_ab")
 
 DEFAULT_ROWS = ("base-train-b4", "base-itm-b8", "base-itm-b1")
-# The two executables differ only in how they sum, so outputs agree to rounding.
+# Choices of library fusions change only how the executables sum, so outputs
+# agree to rounding. Other `--against` options may change them more and fail
+# this check.
 OUTPUT_ATOL = 1e-4
 
 
@@ -69,15 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--against",
         type=_options_json,
         help="compiler options for the second runner as a JSON object, in place of "
-        "XLA's defaults, for example an earlier choice: "
+        "XLA's defaults, for example YNNPACK for single matmuls only: "
         '\'{"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}\'',
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser
 
 
-def _options_json(text: str) -> dict[str, str]:
-    """Parse `--against`: a JSON object of XLA option names and values."""
+def _options_json(text: str) -> dict[str, str | bool | int | float]:
+    """Parse `--against`: a non-empty JSON object of XLA option names and values."""
     try:
         options = json.loads(text)
     except json.JSONDecodeError as error:
@@ -89,6 +94,16 @@ def _options_json(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a JSON object; pass option names and values in braces"
         )
+    if not options:
+        raise argparse.ArgumentTypeError(
+            "--against {} compiles like XLA's defaults; leave --against out instead"
+        )
+    for name, value in options.items():
+        if not isinstance(value, str | bool | int | float):
+            raise argparse.ArgumentTypeError(
+                f"option {name!r} has the value {value!r}; XLA options take a "
+                "string, a number or true/false"
+            )
     return options
 
 
@@ -115,6 +130,7 @@ def compare_row(row, work_dir: Path, pairs: int, against: dict | None = None) ->
     inputs = dict(np.load(inputs_path))
 
     other = "defaults" if against is None else "against"
+    other_label = "XLA's defaults" if against is None else "the --against options"
     runners = {"options": JaxRunner(row.task, str(checkpoint), inputs)}
     outputs = {"options": runners["options"].reference_outputs()}
     # Trainer and JaxRunner call `bt_jax.compiler.compiler_options()` through
@@ -149,7 +165,7 @@ def compare_row(row, work_dir: Path, pairs: int, against: dict | None = None) ->
         if not loss_diff <= OUTPUT_ATOL * max(1.0, abs(losses[other])):
             raise ValueError(
                 f"{row.name}: after two steps the losses differ: {losses['options']} "
-                f"with the options, {losses[other]} with the {other} options"
+                f"with bt-jax's options, {losses[other]} with {other_label}"
             )
     seconds = {name: [] for name in runners}
     for index in range(pairs):
@@ -176,8 +192,9 @@ def compare_row(row, work_dir: Path, pairs: int, against: dict | None = None) ->
         "pairs": pairs,
         "median_s": medians,
         "best_s": {name: float(min(values)) for name, values in seconds.items()},
+        "seconds": seconds,
         "speedup": medians[other] / medians["options"],
-        "against": against,
+        "against_options": against,
         "max_abs_diff": max_abs,
         "loss_diff_after_two_steps": loss_diff,
         "hlo_differs": hlo_differs,
@@ -210,6 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             "bt_jax.compiler_options() is None here (XLA_FLAGS sets the YNNPACK "
             "fusion flag, or this jaxlib rejected it), so there is nothing to compare"
         )
+    if args.against == options:
+        parser.error(
+            f"--against {json.dumps(args.against)} equals bt-jax's own options, "
+            "so both runners would compile the same program"
+        )
+    if args.against is not None:
+        try:
+            probe = jax.jit(lambda x: x + 1, compiler_options=args.against)
+            probe.lower(np.float32(0)).compile()
+        except jax.errors.JaxRuntimeError as error:
+            parser.error(f"this jaxlib rejected --against {args.against}: {error}")
     with tempfile.TemporaryDirectory(prefix="bt-jax-compiler-ab-") as temporary:
         work_dir = args.work_dir or Path(temporary)
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     other = "defaults" if args.against is None else "against"
     print(f"compiler options: {options}")
     if args.against is not None:
-        print(f"against: {args.against}")
+        print(f"against: {json.dumps(args.against)}")
     print(
         f"{'row':24s} {'options s':>10s} {other + ' s':>11s} {'speedup':>8s} "
         f"{'max abs diff':>13s}"

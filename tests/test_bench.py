@@ -257,6 +257,7 @@ def test_compiler_ab_times_both_executables(tmp_path, capsys):
         assert result["compile_s"][name] > 0, name
     assert result["max_abs_diff"] <= compiler_ab.OUTPUT_ATOL
     assert result["loss_diff_after_two_steps"] is None
+    assert result["against_options"] is None
     assert "tiny-itm-b2" in capsys.readouterr().out
 
 
@@ -270,18 +271,41 @@ def test_compiler_ab_against_given_options(tmp_path, capsys):
     arguments += ["--work-dir", str(tmp_path), "--json", str(report)]
     assert compiler_ab.main(arguments) == 0
     (result,) = json.loads(report.read_text())
-    assert result["against"] == against
+    assert result["against_options"] == against
     assert set(result["median_s"]) == {"options", "against"}
-    assert f"against: {against}" in capsys.readouterr().out
+    assert len(result["seconds"]["against"]) == 1
+    assert f"against: {json.dumps(against)}" in capsys.readouterr().out
 
 
-def test_compiler_ab_rejects_invalid_against(capsys):
+@pytest.mark.parametrize(
+    ("against", "message"),
+    [
+        ("{x", "invalid JSON '{x'"),
+        ("[1]", "'[1]' is not a JSON object"),
+        ("{}", "compiles like XLA's defaults"),
+        ('{"xla_cpu_use_thunk_runtime": null}', "has the value None"),
+        ('{"xla_cpu_no_such_option": "1"}', "this jaxlib rejected"),
+    ],
+    ids=["not-json", "not-object", "empty", "null-value", "unknown-option"],
+)
+def test_compiler_ab_rejects_invalid_against(capsys, against, message):
     from bench import compiler_ab
 
     with pytest.raises(SystemExit) as exit_info:
-        compiler_ab.main(["--against", "[1]"])
+        compiler_ab.main(["--quick", "--against", against])
     assert exit_info.value.code == 2
-    assert "'[1]' is not a JSON object" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_compiler_ab_rejects_own_options(capsys):
+    import bt_jax
+    from bench import compiler_ab
+
+    own = json.dumps(bt_jax.compiler_options())
+    with pytest.raises(SystemExit) as exit_info:
+        compiler_ab.main(["--quick", "--against", own])
+    assert exit_info.value.code == 2
+    assert "equals bt-jax's own options" in capsys.readouterr().err
 
 
 def test_compiler_ab_rejects_unknown_row(capsys):

@@ -68,6 +68,7 @@ def test_compiler_options_exclude_ynn_matmuls(fresh_options):
 
 def test_compiler_options_keep_ynn_convolutions(fresh_options):
     options = bt_jax.compiler_options()
+    assert options is not None
     fusions = ynn_fusion_ops(_compiled_text(_patch_embedding, options, *PATCH_SHAPES))
     assert {"convolution"} in fusions
     # The control: with YNNPACK off, the convolution leaves it.
