@@ -454,7 +454,8 @@ def test_original_294_has_no_border():
 
 def torch_original_transform(image: PIL.Image.Image, size: int) -> np.ndarray:
     """Resize the short side to `size` and center-crop, as torchvision does."""
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None]
+    # A writable copy: PyTorch warns on the read-only array PIL gives.
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
     height, width = pixels.shape[2:]
     short, long = min(height, width), max(height, width)
     resized_long = int(size * long / short)
