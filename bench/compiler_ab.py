@@ -101,8 +101,8 @@ def _options_json(text: str) -> dict[str, str | bool | int | float]:
     for name, value in options.items():
         if not isinstance(value, str | bool | int | float):
             raise argparse.ArgumentTypeError(
-                f"option {name!r} has the value {value!r}; XLA options take a "
-                "string, a number or true/false"
+                f"option {name!r} has the value {json.dumps(value)}; XLA options "
+                "take a string, a number or true/false"
             )
     return options
 
@@ -194,6 +194,7 @@ def compare_row(row, work_dir: Path, pairs: int, against: dict | None = None) ->
         "best_s": {name: float(min(values)) for name, values in seconds.items()},
         "seconds": seconds,
         "speedup": medians[other] / medians["options"],
+        "options": bt_jax.compiler.compiler_options(),
         "against_options": against,
         "max_abs_diff": max_abs,
         "loss_diff_after_two_steps": loss_diff,
@@ -207,8 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error(f"--pairs must be at least 1, got {args.pairs}")
-    if args.work_dir is not None and args.work_dir.is_file():
-        parser.error(f"--work-dir {args.work_dir} is a file; pass a folder")
+    if args.work_dir is not None:
+        if args.work_dir.is_file():
+            parser.error(f"--work-dir {args.work_dir} is a file; pass a folder")
+        try:
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"cannot create --work-dir {args.work_dir}: {error}")
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        parser.error(
+            f"--json {args.json} is a folder or its folder does not exist; "
+            "pass a file path in an existing folder"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     rows = select_rows(parser, args)
 
@@ -237,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
             probe = jax.jit(lambda x: x + 1, compiler_options=args.against)
             probe.lower(np.float32(0)).compile()
         except jax.errors.JaxRuntimeError as error:
-            parser.error(f"this jaxlib rejected --against {args.against}: {error}")
+            parser.error(
+                f"this jaxlib rejected --against {json.dumps(args.against)}: {error}"
+            )
     with tempfile.TemporaryDirectory(prefix="bt-jax-compiler-ab-") as temporary:
         work_dir = args.work_dir or Path(temporary)
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"Medians of {args.pairs} alternating calls each; speedup is the {other} "
-        "runner's median over the options runner's median."
+        "runner's median over the options runner's median, so above 1 means "
+        "bt-jax's options are faster."
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -258,6 +258,7 @@ def test_compiler_ab_times_both_executables(tmp_path, capsys):
     assert result["max_abs_diff"] <= compiler_ab.OUTPUT_ATOL
     assert result["loss_diff_after_two_steps"] is None
     assert result["against_options"] is None
+    assert result["options"] == bt_jax.compiler.compiler_options()
     assert "tiny-itm-b2" in capsys.readouterr().out
 
 
@@ -283,7 +284,7 @@ def test_compiler_ab_against_given_options(tmp_path, capsys):
         ("{x", "invalid JSON '{x'"),
         ("[1]", "'[1]' is not a JSON object"),
         ("{}", "compiles like XLA's defaults"),
-        ('{"xla_cpu_use_thunk_runtime": null}', "has the value None"),
+        ('{"xla_cpu_use_thunk_runtime": null}', "has the value null"),
         ('{"xla_cpu_no_such_option": "1"}', "this jaxlib rejected"),
     ],
     ids=["not-json", "not-object", "empty", "null-value", "unknown-option"],
@@ -295,6 +296,23 @@ def test_compiler_ab_rejects_invalid_against(capsys, against, message):
         compiler_ab.main(["--quick", "--against", against])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_compiler_ab_rejects_unwritable_paths(tmp_path, capsys):
+    from bench import compiler_ab
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        (["--json", str(tmp_path / "missing" / "ab.json")], "--json"),
+        (["--json", str(tmp_path)], "--json"),
+        (["--work-dir", str(a_file / "sub")], "cannot create --work-dir"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            compiler_ab.main(["--quick", *arguments])
+        assert exit_info.value.code == 2, arguments
+        assert message in capsys.readouterr().err, arguments
 
 
 def test_compiler_ab_rejects_own_options(capsys):
